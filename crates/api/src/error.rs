@@ -1,0 +1,99 @@
+//! One JSON error shape for every failure: `{"error": {"code", "message", "fields"?}}`.
+//! 500s are opaque to the caller and logged in full.
+
+use actix_web::{http::StatusCode, HttpResponse, ResponseError};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    Validation { message: String, fields: Vec<FieldError> },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("{message}")]
+    Unavailable { message: String, retry_after: Duration },
+    #[error("internal error")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(fields: Vec<FieldError>) -> Self {
+        ApiError::Validation { message: "the request has invalid fields".into(), fields }
+    }
+
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        Self::validation(vec![FieldError { field: field.to_string(), message: message.into() }])
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Validation { .. } => "validation_failed",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Unavailable { .. } => "service_unavailable",
+            ApiError::Unexpected(_) => "internal_error",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fields: Option<&'a [FieldError]>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let fields = match self {
+            ApiError::Validation { fields, .. } => Some(fields.as_slice()),
+            _ => None,
+        };
+        if let ApiError::Unexpected(e) = self {
+            tracing::error!(error = format!("{e:#}"), "request failed unexpectedly");
+        }
+        let body = Body { error: Inner { code: self.code(), message: self.to_string(), fields } };
+        let mut res = HttpResponse::build(self.status_code());
+        if let ApiError::Unavailable { retry_after, .. } = self {
+            res.insert_header(("Retry-After", retry_after.as_secs().max(1).to_string()));
+        }
+        res.json(body)
+    }
+}

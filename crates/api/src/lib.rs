@@ -1,0 +1,12 @@
+//! notify-api: accepts notification requests over HTTP and hands them to RabbitMQ durably.
+//! A 202 means the broker confirmed the message; anything less is an error the caller sees.
+
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod publisher;
+pub mod routes;
+pub mod startup;
+
+pub use config::ApiConfig;
+pub use startup::Application;

@@ -1,0 +1,67 @@
+use crate::{
+    config::ApiConfig,
+    publisher::Publisher,
+    routes::{self, AppState},
+};
+use actix_web::{dev::Server, web, App, HttpServer};
+use std::net::TcpListener;
+use tracing_actix_web::TracingLogger;
+
+/// The API server, bound and ready to run. Tests build it on port 0.
+pub struct Application {
+    port: u16,
+    server: Server,
+    publisher: Publisher,
+}
+
+impl Application {
+    /// Binds the listener, connects to RabbitMQ and declares the topology. Fails on a bad
+    /// address or a topology mismatch; an unreachable broker only makes the API unready.
+    pub async fn build(config: ApiConfig) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port))?;
+        let port = listener.local_addr()?.port();
+        let publisher = Publisher::start(
+            config.rabbitmq_url.clone(),
+            config.topology.clone(),
+            config.publish_timeout,
+            config.publish_channels,
+        )
+        .await?;
+        let state = web::Data::new(AppState { publisher: publisher.clone(), max_body_bytes: config.max_body_bytes });
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(TracingLogger::default())
+                .app_data(state.clone())
+                .configure(routes::configure)
+                .default_service(web::to(routes::not_found))
+        })
+        .listen(listener)?
+        // In-flight requests get this long to finish after SIGTERM.
+        .shutdown_timeout(25);
+        if config.http_workers > 0 {
+            server = server.workers(config.http_workers);
+        }
+        if !config.handle_signals {
+            server = server.disable_signals();
+        }
+        tracing::info!(port, "notify-api listening");
+        Ok(Application { port, server: server.run(), publisher })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the server gracefully (tests; the binary stops on signals).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped, then closes the broker connection.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        self.publisher.close().await;
+        result
+    }
+}

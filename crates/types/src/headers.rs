@@ -1,0 +1,15 @@
+//! Our own AMQP headers. RabbitMQ 4 ignores `x-death` on republished messages, so the attempt
+//! count travels in a header we own.
+
+/// 1-based number of the attempt this message is waiting for.
+pub const ATTEMPT: &str = "x-notify-attempt";
+/// Why a message is in a dead-letter queue (`permanent`, `max_attempts`, `unparseable`, ...).
+pub const DEAD_REASON: &str = "x-notify-dead-reason";
+/// The last delivery error (shortened).
+pub const LAST_ERROR: &str = "x-notify-last-error";
+/// Attempts made before dead-lettering.
+pub const ATTEMPTS: &str = "x-notify-attempts";
+/// When the message was dead-lettered (RFC 3339).
+pub const DEAD_AT: &str = "x-notify-dead-at";
+/// The queue the message came from (for replay).
+pub const ORIGIN_QUEUE: &str = "x-notify-origin-queue";

@@ -1,0 +1,103 @@
+use notify_types::config::{self as cfg, ConfigError, Source};
+use notify_types::{Channel, Topology};
+use std::time::Duration;
+
+/// Settings of the worker, read once at start.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub rabbitmq_url: String,
+    pub topology: Topology,
+    pub smtp_url: String,
+    pub email_from: String,
+    pub smtp_timeout: Duration,
+    pub smtp_pool_size: u32,
+    /// Deliveries running at once, per channel.
+    pub concurrency: usize,
+    /// Unacked messages the broker may push to each consumer.
+    pub prefetch: u16,
+    /// Attempts including the first; then the message is dead-lettered.
+    pub max_attempts: u32,
+    /// Fraction (0..1) by which a retry delay is randomly shortened, so a burst of failures
+    /// does not come back at the same instant.
+    pub jitter: f64,
+    /// How long in-flight deliveries get to finish after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// Channels this worker consumes.
+    pub channels: Vec<Channel>,
+}
+
+impl WorkerConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let smtp_url = cfg::string(src, "SMTP_URL", "smtp://127.0.0.1:1025");
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&smtp_url).map_err(|e| {
+            ConfigError::new("SMTP_URL", format!("`{}` is not a usable SMTP URL: {e}", cfg::redact_url(&smtp_url)))
+        })?;
+        let email_from = cfg::string(src, "EMAIL_FROM", "notify <notify@localhost>");
+        email_from
+            .parse::<lettre::message::Mailbox>()
+            .map_err(|e| ConfigError::new("EMAIL_FROM", format!("`{email_from}` is not a mailbox: {e}")))?;
+        let jitter: f64 = cfg::parse(src, "RETRY_JITTER", 0.2)?;
+        if !(0.0..1.0).contains(&jitter) {
+            return Err(ConfigError::new("RETRY_JITTER", "must be in 0.0..1.0"));
+        }
+        let raw_channels = cfg::string(src, "WORKER_CHANNELS", "email,webhook,in_app");
+        let mut channels = Vec::new();
+        for part in raw_channels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let c: Channel = part.parse().map_err(|e: String| ConfigError::new("WORKER_CHANNELS", e))?;
+            if !channels.contains(&c) {
+                channels.push(c);
+            }
+        }
+        if channels.is_empty() {
+            return Err(ConfigError::new("WORKER_CHANNELS", "needs at least one channel"));
+        }
+        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 32, 1, 10_000)? as usize;
+        Ok(WorkerConfig {
+            rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
+            topology: cfg::topology(src)?,
+            smtp_url,
+            email_from,
+            smtp_timeout: cfg::duration(src, "SMTP_TIMEOUT", Duration::from_secs(10))?,
+            smtp_pool_size: cfg::bounded(src, "SMTP_POOL_SIZE", 8, 1, 1000)? as u32,
+            concurrency,
+            prefetch: cfg::bounded(src, "WORKER_PREFETCH", (concurrency * 2).min(65535) as u64, 1, 65535)? as u16,
+            max_attempts: cfg::bounded(src, "MAX_ATTEMPTS", 6, 1, 1000)? as u32,
+            jitter,
+            shutdown_timeout: cfg::duration(src, "WORKER_SHUTDOWN_TIMEOUT", Duration::from_secs(25))?,
+            channels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn src(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = WorkerConfig::from_source(&src(&[])).unwrap();
+        assert_eq!(c.max_attempts, 6);
+        assert_eq!(c.prefetch, 64);
+        assert_eq!(c.channels, vec![Channel::Email, Channel::Webhook, Channel::InApp]);
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        for (key, value) in [
+            ("SMTP_URL", "ftp://x"),
+            ("EMAIL_FROM", "not a mailbox"),
+            ("WORKER_CHANNELS", "email,sms"),
+            ("RETRY_JITTER", "1.5"),
+            ("MAX_ATTEMPTS", "0"),
+            ("QUEUE_TYPE", "stream"),
+        ] {
+            let e = WorkerConfig::from_source(&src(&[(key, value)])).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+}

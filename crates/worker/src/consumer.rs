@@ -1,0 +1,252 @@
+//! The consume loop: one consumer per channel queue with its own prefetch and concurrency, a
+//! confirm-mode channel for retries and dead letters, reconnection after broker loss, and
+//! graceful shutdown (stop consuming, finish in-flight deliveries, close).
+
+use crate::{
+    channels::email::EmailSender,
+    deliver::Deliverer,
+    outcome::DeadReason,
+    settle::{Settled, Settler},
+    Outcome, WorkerConfig,
+};
+use futures_util::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
+    types::FieldTable,
+    Connection,
+};
+use notify_types::{
+    broker::{self, header_u32},
+    config::redact_url,
+    headers, Channel, Envelope, TopologyError,
+};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+use uuid::Uuid;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What became of one delivery; tests wait on these instead of sleeping.
+#[derive(Debug, Clone)]
+pub struct DeliveryReport {
+    pub id: Option<Uuid>,
+    pub channel: Channel,
+    pub attempt: u32,
+    pub settled: Settled,
+}
+
+pub struct Worker {
+    config: WorkerConfig,
+    deliverer: Arc<Deliverer>,
+    reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
+}
+
+struct Ctx {
+    deliverer: Arc<Deliverer>,
+    settler: Settler,
+    reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost,
+}
+
+impl Worker {
+    pub async fn build(config: WorkerConfig) -> anyhow::Result<Worker> {
+        let email = EmailSender::new(&config.smtp_url, &config.email_from, config.smtp_timeout, config.smtp_pool_size)?;
+        Ok(Worker { config, deliverer: Arc::new(Deliverer { email }), reports: None })
+    }
+
+    /// A stream of delivery reports (one per settled delivery).
+    pub fn reports(&mut self) -> mpsc::UnboundedReceiver<DeliveryReport> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.reports = Some(tx);
+        rx
+    }
+
+    /// Runs until `shutdown` is cancelled. Reconnects after broker loss; returns an error only
+    /// for what reconnecting cannot fix (a topology mismatch).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(200);
+        let url = redact_url(&self.config.rabbitmq_url);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let conn = match broker::connect(&self.config.rabbitmq_url, "notify-worker", CONNECT_TIMEOUT).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(broker = %url, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach RabbitMQ");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            match self.config.topology.declare(&conn).await {
+                Ok(()) => {}
+                Err(e @ TopologyError::Mismatch { .. }) => {
+                    let _ = conn.close(200, "topology mismatch".into()).await;
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
+                    continue;
+                }
+            }
+            backoff = Duration::from_millis(200);
+            tracing::info!(broker = %url, channels = ?self.config.channels, "connected; consuming");
+            match self.consume(&conn, &shutdown).await {
+                Ok(SessionEnd::Stopped) => {
+                    let _ = conn.close(200, "worker shutting down".into()).await;
+                    tracing::info!("worker stopped");
+                    return Ok(());
+                }
+                Ok(SessionEnd::Lost) => tracing::warn!("lost the RabbitMQ connection; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "consuming failed; reconnecting"),
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(320, "reconnecting".into())).await;
+        }
+    }
+
+    async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
+        let publish = conn.create_channel().await?;
+        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        let ctx = Arc::new(Ctx {
+            deliverer: self.deliverer.clone(),
+            settler: Settler {
+                publish,
+                topology: self.config.topology.clone(),
+                max_attempts: self.config.max_attempts,
+                jitter: self.config.jitter,
+                timeout: PUBLISH_TIMEOUT,
+            },
+            reports: self.reports.clone(),
+        });
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut loops = tokio::task::JoinSet::new();
+        let mut consumers = Vec::new();
+        for &channel in &self.config.channels {
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(self.config.prefetch, BasicQosOptions::default()).await?;
+            let queue = self.config.topology.queue(channel);
+            let tag = format!("notify-worker-{}-{}", channel, Uuid::now_v7().simple());
+            let consumer = ch
+                .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await?;
+            let permits = Arc::new(Semaphore::new(self.config.concurrency));
+            loops.spawn(consume_loop(channel, consumer, permits, ctx.clone(), tracker.clone(), stop.clone()));
+            consumers.push((ch, tag));
+        }
+
+        let end = tokio::select! {
+            _ = shutdown.cancelled() => SessionEnd::Stopped,
+            _ = loops.join_next() => SessionEnd::Lost,
+        };
+        // Stop taking new deliveries; what was prefetched but not started goes back to the
+        // queue when its channel closes.
+        stop.cancel();
+        for (ch, tag) in &consumers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await;
+        }
+        while loops.join_next().await.is_some() {}
+        tracker.close();
+        let in_flight = tracker.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "waiting for in-flight deliveries");
+        }
+        if tokio::time::timeout(self.config.shutdown_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(left = tracker.len(), "in-flight deliveries did not finish in time; they will be redelivered");
+        }
+        for (ch, _) in &consumers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "consumer stopped".into())).await;
+        }
+        Ok(end)
+    }
+}
+
+async fn consume_loop(
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    permits: Arc<Semaphore>,
+    ctx: Arc<Ctx>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = stop.cancelled() => return,
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            d = consumer.next() => d,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    process(&ctx, channel, delivery).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(%channel, error = %e, "consumer failed");
+                return;
+            }
+            None => {
+                tracing::warn!(%channel, "consumer ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
+    let attempt = header_u32(&delivery.properties, headers::ATTEMPT).unwrap_or(1).max(1);
+    let env = match Envelope::from_bytes(&delivery.data) {
+        Ok(env) => env,
+        Err(error) => {
+            let span = tracing::warn_span!("delivery", %channel, attempt, message_id = ?delivery.properties.message_id());
+            let outcome = Outcome::Dead { reason: DeadReason::Unparseable, error };
+            let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).instrument(span).await;
+            report(ctx, None, channel, attempt, settled);
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "delivery",
+        notification_id = %env.id,
+        %channel,
+        attempt,
+        correlation_id = %env.correlation_id,
+        redelivered = delivery.redelivered,
+    );
+    async {
+        let started = Instant::now();
+        let outcome = ctx.deliverer.deliver(channel, &env).await;
+        let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).await;
+        tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
+        report(ctx, Some(env.id), channel, attempt, settled);
+    }
+    .instrument(span)
+    .await
+}
+
+fn report(ctx: &Ctx, id: Option<Uuid>, channel: Channel, attempt: u32, settled: Settled) {
+    if let Some(tx) = &ctx.reports {
+        let _ = tx.send(DeliveryReport { id, channel, attempt, settled });
+    }
+}

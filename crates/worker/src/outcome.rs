@@ -1,0 +1,43 @@
+use std::time::Duration;
+
+/// What one delivery attempt came to. Handlers return it; the settle step acts on it, so
+/// handlers need no broker and tests need no sleeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Worth trying again later (SMTP 4xx, connection trouble, timeouts). `after` is the
+    /// receiver's wish (Retry-After); the next delay tier is used otherwise.
+    Retry { error: String, after: Option<Duration> },
+    /// Will never succeed (SMTP 5xx, bad recipient, bad payload).
+    Dead { reason: DeadReason, error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// The receiver refused for good.
+    Permanent,
+    /// Retried MAX_ATTEMPTS times.
+    MaxAttempts,
+    /// The message could not be read.
+    Unparseable,
+}
+
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Permanent => "permanent",
+            DeadReason::MaxAttempts => "max_attempts",
+            DeadReason::Unparseable => "unparseable",
+        }
+    }
+}
+
+impl Outcome {
+    pub fn retry(error: impl Into<String>) -> Self {
+        Outcome::Retry { error: error.into(), after: None }
+    }
+
+    pub fn dead(error: impl Into<String>) -> Self {
+        Outcome::Dead { reason: DeadReason::Permanent, error: error.into() }
+    }
+}
