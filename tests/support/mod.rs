@@ -1,0 +1,158 @@
+//! Shared setup of the end-to-end tests: an API on port 0 and an in-process worker, both on a
+//! topology with a unique prefix (so tests run in parallel and leave nothing behind), a real
+//! SMTP server on loopback, and a millisecond retry schedule.
+#![allow(dead_code)]
+
+use notify_api::{ApiConfig, Application};
+use notify_testkit::{rabbit, smtp::SmtpServer};
+use notify_types::{QueueType, Topology};
+use notify_worker::{consumer::DeliveryReport, Worker, WorkerConfig};
+use std::{collections::HashMap, time::Duration};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Retry schedule of the tests: three tiers in milliseconds.
+pub const TEST_SCHEDULE: &str = "50ms,100ms,200ms";
+pub const TEST_MAX_ATTEMPTS: u32 = 4;
+
+/// Settings as a user would give them, with the test's own prefix and broker.
+pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<String, String> {
+    [
+        ("RABBITMQ_URL", broker_url),
+        ("NOTIFY_PREFIX", prefix),
+        ("RETRY_SCHEDULE", TEST_SCHEDULE),
+        ("MAX_ATTEMPTS", &TEST_MAX_ATTEMPTS.to_string()),
+        ("SMTP_URL", smtp_url),
+        ("EMAIL_FROM", "notify <notify@example.com>"),
+        ("WORKER_CONCURRENCY", "16"),
+        ("SMTP_TIMEOUT", "5s"),
+        ("PUBLISH_TIMEOUT", "3s"),
+        ("API_HOST", "127.0.0.1"),
+        ("API_PORT", "0"),
+        ("API_HTTP_WORKERS", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+pub struct TestApi {
+    pub base: String,
+    pub client: reqwest::Client,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl TestApi {
+    pub async fn start(settings: &HashMap<String, String>) -> anyhow::Result<TestApi> {
+        let mut config = ApiConfig::from_source(settings)?;
+        config.handle_signals = false;
+        let app = Application::build(config).await?;
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;
+        Ok(TestApi { base, client, handle })
+    }
+
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client.post(format!("{}{path}", self.base)).json(body).send().await.expect("API reachable")
+    }
+
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}
+
+pub struct TestWorker {
+    pub shutdown: CancellationToken,
+    pub reports: mpsc::UnboundedReceiver<DeliveryReport>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWorker {
+    pub async fn start(settings: &HashMap<String, String>) -> anyhow::Result<TestWorker> {
+        let config = WorkerConfig::from_source(settings)?;
+        let mut worker = Worker::build(config).await?;
+        let reports = worker.reports();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.run(shutdown.clone()));
+        Ok(TestWorker { shutdown, reports, task })
+    }
+
+    /// Waits for `n` delivery reports (bounded), in the order they were settled.
+    pub async fn next_reports(&mut self, n: usize, timeout: Duration) -> Vec<DeliveryReport> {
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.reports.recv()).await {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => panic!("worker stopped after {} of {n} reports", out.len()),
+                Err(_) => panic!("only {} of {n} deliveries settled within {timeout:?}: {out:?}", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Waits for the worker to end by itself (e.g. a fatal startup error), bounded.
+    pub async fn stop_result(self) -> anyhow::Result<()> {
+        tokio::time::timeout(Duration::from_secs(30), self.task).await??
+    }
+
+    /// Graceful stop: in-flight deliveries finish, the connection closes (so nothing can stay
+    /// unacked behind it).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await??
+    }
+}
+
+/// One test's world: its own prefix on the shared broker, an SMTP server, an API and a worker.
+pub struct Harness {
+    pub prefix: String,
+    pub settings: HashMap<String, String>,
+    pub topology: Topology,
+    pub smtp: SmtpServer,
+    pub api: TestApi,
+    pub amqp: lapin::Connection,
+}
+
+impl Harness {
+    pub async fn start(test: &str) -> Harness {
+        let prefix = rabbit::unique_prefix(test);
+        let smtp = SmtpServer::start().await;
+        let settings = settings(&prefix, &rabbit::rabbitmq_url(), &smtp.url());
+        let api = TestApi::start(&settings).await.expect("API starts");
+        let topology = notify_types::config::topology(&settings).unwrap();
+        assert_eq!(topology.queue_type, QueueType::Quorum);
+        let amqp = rabbit::connect().await;
+        Harness { prefix, settings, topology, smtp, api, amqp }
+    }
+
+    pub async fn worker(&self) -> TestWorker {
+        TestWorker::start(&self.settings).await.expect("worker starts")
+    }
+
+    pub fn email_queue(&self) -> String {
+        self.topology.queue(notify_types::Channel::Email)
+    }
+
+    pub fn email_dead_queue(&self) -> String {
+        self.topology.dead_queue(notify_types::Channel::Email)
+    }
+
+    /// Ready messages in a queue of this test.
+    pub async fn count(&self, queue: &str) -> u32 {
+        rabbit::message_count(&self.amqp, queue).await.unwrap_or_else(|| panic!("queue {queue} exists"))
+    }
+
+    /// Stops the API and removes every queue and the exchange of this test.
+    pub async fn cleanup(self) {
+        self.api.stop().await;
+        rabbit::delete_topology(&self.amqp, &self.topology).await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+}
+
+pub fn email(to: &str, subject: &str, body: &str) -> serde_json::Value {
+    serde_json::json!({"to": to, "subject": subject, "body": body})
+}
