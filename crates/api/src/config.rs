@@ -20,6 +20,14 @@ pub struct ApiConfig {
     pub handle_signals: bool,
     /// HTTP worker threads (0 = one per core).
     pub http_workers: usize,
+    pub routes_file: String,
+    /// Postgres, for idempotency keys, status and the inbox. The accept path without an
+    /// `Idempotency-Key` never touches it.
+    pub database_url: String,
+    /// Schema of notify's tables (lets deployments or tests share one database).
+    pub database_schema: String,
+    /// Direct webhooks to private, loopback and link-local addresses are refused unless true.
+    pub allow_private_webhooks: bool,
 }
 
 impl ApiConfig {
@@ -30,11 +38,20 @@ impl ApiConfig {
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
             topology: cfg::topology(src)?,
             publish_timeout: cfg::duration(src, "PUBLISH_TIMEOUT", Duration::from_secs(5))?,
-            max_body_bytes: cfg::bounded(src, "API_MAX_BODY_BYTES", 256 * 1024, 1024, 16 * 1024 * 1024)?
-                as usize,
+            max_body_bytes: cfg::bounded(
+                src,
+                "API_MAX_BODY_BYTES",
+                256 * 1024,
+                1024,
+                16 * 1024 * 1024,
+            )? as usize,
             publish_channels: cfg::bounded(src, "API_PUBLISH_CHANNELS", 4, 1, 64)? as usize,
             handle_signals: true,
             http_workers: cfg::bounded(src, "API_HTTP_WORKERS", 0, 0, 256)? as usize,
+            routes_file: cfg::string(src, "ROUTES_FILE", "config/routes.toml"),
+            database_url: cfg::string(src, "DATABASE_URL", cfg::DEFAULT_DATABASE_URL),
+            database_schema: cfg::string(src, "DATABASE_SCHEMA", "public"),
+            allow_private_webhooks: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
         })
     }
 }

@@ -20,24 +20,53 @@ pub enum ApiError {
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
-    Validation { message: String, fields: Vec<FieldError> },
+    Validation {
+        message: String,
+        fields: Vec<FieldError>,
+    },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
     #[error("{message}")]
-    Unavailable { message: String, retry_after: Duration },
+    Unavailable {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Unexpected(#[source] anyhow::Error),
 }
 
+impl From<notify_store::StoreError> for ApiError {
+    fn from(e: notify_store::StoreError) -> Self {
+        match e {
+            notify_store::StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "database unavailable");
+                ApiError::Unavailable {
+                    message: "the database is unavailable; retry later".into(),
+                    retry_after: Duration::from_secs(5),
+                }
+            }
+            other => ApiError::Unexpected(anyhow::anyhow!(other)),
+        }
+    }
+}
+
 impl ApiError {
     pub fn validation(fields: Vec<FieldError>) -> Self {
-        ApiError::Validation { message: "the request has invalid fields".into(), fields }
+        ApiError::Validation {
+            message: "the request has invalid fields".into(),
+            fields,
+        }
     }
 
     pub fn field(field: &str, message: impl Into<String>) -> Self {
-        Self::validation(vec![FieldError { field: field.to_string(), message: message.into() }])
+        Self::validation(vec![FieldError {
+            field: field.to_string(),
+            message: message.into(),
+        }])
     }
 
     fn code(&self) -> &'static str {
@@ -48,6 +77,7 @@ impl ApiError {
             ApiError::Validation { .. } => "validation_failed",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable { .. } => "service_unavailable",
             ApiError::Unexpected(_) => "internal_error",
         }
@@ -76,6 +106,7 @@ impl ResponseError for ApiError {
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -89,7 +120,13 @@ impl ResponseError for ApiError {
         if let ApiError::Unexpected(e) = self {
             tracing::error!(error = format!("{e:#}"), "request failed unexpectedly");
         }
-        let body = Body { error: Inner { code: self.code(), message: self.to_string(), fields } };
+        let body = Body {
+            error: Inner {
+                code: self.code(),
+                message: self.to_string(),
+                fields,
+            },
+        };
         let mut res = HttpResponse::build(self.status_code());
         if let ApiError::Unavailable { retry_after, .. } = self {
             res.insert_header(("Retry-After", retry_after.as_secs().max(1).to_string()));

@@ -8,8 +8,18 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use validator::{Validate, ValidationErrors};
 
+/// A parsed and validated request, with its JSON value (for the idempotency hash).
+pub struct Parsed<T> {
+    pub body: T,
+    pub value: serde_json::Value,
+}
+
 /// Reads, parses and validates a JSON body into `T`.
-pub async fn json_body<T>(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<T, ApiError>
+pub async fn json_body<T>(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Parsed<T>, ApiError>
 where
     T: DeserializeOwned + Validate,
 {
@@ -26,7 +36,8 @@ where
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -36,7 +47,7 @@ where
 }
 
 /// Parses and validates an in-memory body.
-pub fn parse<T>(body: &[u8]) -> Result<T, ApiError>
+pub fn parse<T>(body: &[u8]) -> Result<Parsed<T>, ApiError>
 where
     T: DeserializeOwned + Validate,
 {
@@ -45,25 +56,44 @@ where
     if !value.is_object() {
         return Err(ApiError::field("", "the body must be a JSON object"));
     }
-    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+    let parsed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { String::new() } else { path };
         ApiError::field(&field, clean_serde_message(&e.into_inner().to_string()))
     })?;
-    parsed.validate().map_err(|e| ApiError::validation(field_errors(&e)))?;
-    Ok(parsed)
+    parsed
+        .validate()
+        .map_err(|e| ApiError::validation(field_errors(&e)))?;
+    Ok(Parsed {
+        body: parsed,
+        value,
+    })
 }
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
-    let raw = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let is_json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+    let raw = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let is_json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
     if is_json {
         Ok(())
     } else if raw.is_empty() {
-        Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none was sent)".into()))
+        Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/json (none was sent)".into(),
+        ))
     } else {
-        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not `{raw}`")))
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type must be application/json, not `{raw}`"
+        )))
     }
 }
 
@@ -83,7 +113,11 @@ pub fn field_errors(errors: &ValidationErrors) -> Vec<FieldError> {
         .flat_map(|(field, errs)| {
             errs.iter().map(move |e| FieldError {
                 field: field.to_string(),
-                message: e.message.as_ref().map(|m| m.to_string()).unwrap_or_else(|| e.code.to_string()),
+                message: e
+                    .message
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| e.code.to_string()),
             })
         })
         .collect();

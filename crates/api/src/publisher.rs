@@ -5,13 +5,13 @@
 //! request at a time per channel. A supervisor task keeps the connection up: it reconnects with
 //! backoff after broker loss and redeclares the topology.
 
+use futures_util::StreamExt;
+use lapin::{options::ConfirmSelectOptions, Connection};
 use notify_types::{
     broker::{self, PublishError},
     config::redact_url,
     Envelope, Topology, TopologyError,
 };
-use futures_util::StreamExt;
-use lapin::{options::ConfirmSelectOptions, Connection};
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -162,7 +162,9 @@ impl Session {
 
 impl Inner {
     async fn open_session(&self) -> Result<Arc<Session>, SessionError> {
-        let conn = broker::connect(&self.url, "notify-api", CONNECT_TIMEOUT).await.map_err(SessionError::Broker)?;
+        let conn = broker::connect(&self.url, "notify-api", CONNECT_TIMEOUT)
+            .await
+            .map_err(SessionError::Broker)?;
         self.topology.declare(&conn).await.map_err(|e| match e {
             TopologyError::Broker { source, .. } => SessionError::Broker(source),
             mismatch => SessionError::Topology(mismatch),
@@ -170,7 +172,9 @@ impl Inner {
         let mut channels = Vec::with_capacity(self.channels);
         for _ in 0..self.channels {
             let ch = conn.create_channel().await.map_err(SessionError::Broker)?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Broker)?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(SessionError::Broker)?;
             channels.push(ch);
         }
         tracing::info!(broker = %redact_url(&self.url), channels = channels.len(), "connected to RabbitMQ");
@@ -196,7 +200,11 @@ async fn supervise(inner: Arc<Inner>) {
             }
             tracing::warn!("lost the RabbitMQ connection; reconnecting");
             inner.session.write().unwrap().take();
-            let _ = tokio::time::timeout(Duration::from_secs(1), session.conn.close(320, "reconnecting".into())).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                session.conn.close(320, "reconnecting".into()),
+            )
+            .await;
             backoff = Duration::from_millis(200);
         }
         if inner.shutdown.is_cancelled() {
@@ -207,8 +215,12 @@ async fn supervise(inner: Arc<Inner>) {
                 *inner.session.write().unwrap() = Some(session);
                 continue;
             }
-            Err(SessionError::Topology(e)) => tracing::error!(error = %e, "cannot declare the topology"),
-            Err(SessionError::Broker(e)) => tracing::debug!(error = %e, "RabbitMQ still unreachable"),
+            Err(SessionError::Topology(e)) => {
+                tracing::error!(error = %e, "cannot declare the topology")
+            }
+            Err(SessionError::Broker(e)) => {
+                tracing::debug!(error = %e, "RabbitMQ still unreachable")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

@@ -4,7 +4,9 @@ use crate::{
     routes::{self, AppState},
 };
 use actix_web::{dev::Server, web, App, HttpServer};
-use std::net::TcpListener;
+use notify_store::Store;
+use notify_types::routes::Routes;
+use std::{net::TcpListener, sync::Arc};
 use tracing_actix_web::TracingLogger;
 
 /// The API server, bound and ready to run. Tests build it on port 0.
@@ -18,17 +20,37 @@ impl Application {
     /// Binds the listener, connects to RabbitMQ and declares the topology. Fails on a bad
     /// address or a topology mismatch; an unreachable broker only makes the API unready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind((config.host.as_str(), config.port))
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port))?;
+        let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{} (API_HOST/API_PORT): {e}",
+                config.host,
+                config.port
+            )
+        })?;
         let port = listener.local_addr()?.port();
+        let routes = Arc::new(Routes::load(&config.routes_file)?);
+        let mut topology = config.topology.clone();
+        topology.event_routes = routes.bindings();
+        let store = Store::connect_lazy(&config.database_url, &config.database_schema, 8)
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL / DATABASE_SCHEMA: {e}"))?;
+        if let Err(e) = store.migrate().await {
+            // Only idempotency keys, status and the inbox need Postgres; accepting does not.
+            tracing::warn!(error = %e, "cannot migrate the database at start; its endpoints answer 503 until it is reachable");
+        }
         let publisher = Publisher::start(
             config.rabbitmq_url.clone(),
-            config.topology.clone(),
+            topology,
             config.publish_timeout,
             config.publish_channels,
         )
         .await?;
-        let state = web::Data::new(AppState { publisher: publisher.clone(), max_body_bytes: config.max_body_bytes });
+        let state = web::Data::new(AppState {
+            publisher: publisher.clone(),
+            max_body_bytes: config.max_body_bytes,
+            routes,
+            store: Some(store),
+            allow_private_webhooks: config.allow_private_webhooks,
+        });
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap(TracingLogger::default())
@@ -46,7 +68,11 @@ impl Application {
             server = server.disable_signals();
         }
         tracing::info!(port, "notify-api listening");
-        Ok(Application { port, server: server.run(), publisher })
+        Ok(Application {
+            port,
+            server: server.run(),
+            publisher,
+        })
     }
 
     pub fn port(&self) -> u16 {

@@ -72,7 +72,8 @@ impl Envelope {
 
     /// Parses a message body, refusing unknown versions.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("bad envelope: {e}"))?;
+        let env: Envelope =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad envelope: {e}"))?;
         if env.version != ENVELOPE_VERSION {
             return Err(format!("unsupported envelope version {}", env.version));
         }
@@ -86,7 +87,11 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_and_rejects_unknown_versions() {
-        let env = Envelope::direct(Channel::Email, "req-1".into(), serde_json::json!({"to": "a@b.c"}));
+        let env = Envelope::direct(
+            Channel::Email,
+            "req-1".into(),
+            serde_json::json!({"to": "a@b.c"}),
+        );
         let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
         assert_eq!(back, env);
         let mut v = serde_json::to_value(&env).unwrap();
@@ -94,5 +99,45 @@ mod tests {
         let err = Envelope::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.contains("99"), "{err}");
         assert!(Envelope::from_bytes(b"not json").is_err());
+    }
+}
+
+/// Payload of a direct in-app notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InAppMessage {
+    pub user: String,
+    pub title: String,
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// Payload of a direct webhook notification: `payload` is POSTed to `url` as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookMessage {
+    pub url: String,
+    pub payload: serde_json::Value,
+}
+
+/// Payload of an event envelope: what the producer posted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPayload {
+    pub user_target: String,
+    pub payload: serde_json::Value,
+}
+
+impl Envelope {
+    /// A new business event, routed by name to the channels configured for it.
+    pub fn event(event: &str, correlation_id: String, payload: &EventPayload) -> Self {
+        Envelope {
+            version: ENVELOPE_VERSION,
+            id: Uuid::now_v7(),
+            kind: Kind::Event,
+            event: Some(event.to_string()),
+            channel: None,
+            created_at: Utc::now(),
+            correlation_id,
+            payload: serde_json::to_value(payload).expect("an event payload always serializes"),
+        }
     }
 }

@@ -6,9 +6,13 @@ pub mod channel;
 pub mod config;
 pub mod envelope;
 pub mod headers;
+pub mod net;
+pub mod routes;
 pub mod telemetry;
 pub mod topology;
 
 pub use channel::Channel;
-pub use envelope::{EmailMessage, Envelope, Kind, ENVELOPE_VERSION};
+pub use envelope::{
+    EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage, ENVELOPE_VERSION,
+};
 pub use topology::{QueueType, Topology, TopologyError};

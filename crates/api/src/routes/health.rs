@@ -8,16 +8,28 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready to accept: connected to RabbitMQ and not blocked by a resource alarm.
+/// Ready: connected to RabbitMQ, not blocked by a resource alarm, Postgres reachable.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let broker = state.publisher.state();
+    let database = match &state.store {
+        Some(store) => {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
+                Ok(Ok(())) => "connected",
+                _ => "unreachable",
+            }
+        }
+        None => "not_configured",
+    };
+    let ok = broker == BrokerState::Connected && database != "unreachable";
     let body = json!({
-        "status": if broker == BrokerState::Connected { "ready" } else { "not_ready" },
-        "checks": {"broker": broker.as_str()},
+        "status": if ok { "ready" } else { "not_ready" },
+        "checks": {"broker": broker.as_str(), "database": database},
     });
-    if broker == BrokerState::Connected {
+    if ok {
         HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "5")).json(body)
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(body)
     }
 }

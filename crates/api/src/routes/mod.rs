@@ -1,8 +1,14 @@
+mod accept;
+mod events;
 mod health;
+mod inbox;
 mod notifications;
 
 use crate::{error::ApiError, publisher::Publisher};
 use actix_web::{web, HttpRequest, HttpResponse};
+use notify_store::Store;
+use notify_types::routes::Routes;
+use std::sync::Arc;
 
 pub use notifications::EmailRequest;
 
@@ -10,16 +16,61 @@ pub use notifications::EmailRequest;
 pub struct AppState {
     pub publisher: Publisher,
     pub max_body_bytes: usize,
+    pub routes: Arc<Routes>,
+    pub store: Option<Store>,
+    pub allow_private_webhooks: bool,
+}
+
+impl AppState {
+    fn store(&self) -> Result<&Store, ApiError> {
+        self.store.as_ref().ok_or_else(|| ApiError::Unavailable {
+            message: "no database is configured (DATABASE_URL)".into(),
+            retry_after: std::time::Duration::from_secs(60),
+        })
+    }
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/v1/notifications/email")
-            .route(web::post().to(notifications::send_email))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(web::resource("/health").route(web::get().to(health::health)).default_service(web::to(method_not_allowed)))
-    .service(web::resource("/ready").route(web::get().to(health::ready)).default_service(web::to(method_not_allowed)));
+    let resource = |path: &str, route: actix_web::Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(method_not_allowed))
+    };
+    cfg.service(resource(
+        "/api/v1/notifications/email",
+        web::post().to(notifications::send_email),
+    ))
+    .service(resource(
+        "/api/v1/notifications/webhook",
+        web::post().to(notifications::send_webhook),
+    ))
+    .service(resource(
+        "/api/v1/notifications/in-app",
+        web::post().to(notifications::send_in_app),
+    ))
+    .service(resource(
+        "/api/v1/notifications/{id}",
+        web::get().to(notifications::status),
+    ))
+    .service(resource(
+        "/api/v1/events",
+        web::post().to(events::post_event),
+    ))
+    .service(resource("/events", web::post().to(events::post_event)))
+    .service(resource(
+        "/api/v1/users/{user}/notifications",
+        web::get().to(inbox::list),
+    ))
+    .service(resource(
+        "/api/v1/users/{user}/notifications/read-all",
+        web::post().to(inbox::mark_all_read),
+    ))
+    .service(resource(
+        "/api/v1/users/{user}/notifications/{id}/read",
+        web::post().to(inbox::mark_read),
+    ))
+    .service(resource("/health", web::get().to(health::health)))
+    .service(resource("/ready", web::get().to(health::ready)));
 }
 
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
@@ -27,7 +78,11 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 }
 
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
-    actix_web::ResponseError::error_response(&ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+    actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 /// The request id: the caller's `X-Request-Id` when it is sane, else a new one. It travels in

@@ -1,10 +1,16 @@
-use super::{request_id, AppState};
-use crate::{error::ApiError, extract::json_body};
+use super::{
+    accept::{accept, Accept},
+    request_id, AppState,
+};
+use crate::{
+    error::ApiError,
+    extract::{json_body, Parsed},
+};
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
-use notify_types::{broker::PublishError, Channel, EmailMessage, Envelope, Topology};
+use notify_types::{Channel, EmailMessage, Envelope, InAppMessage, Topology, WebhookMessage};
 use serde::Deserialize;
-use std::time::Duration;
+use uuid::Uuid;
 use validator::{Validate, ValidationError};
 
 /// `POST /api/v1/notifications/email`. Every field is optional for serde so that missing ones
@@ -33,14 +39,15 @@ pub struct EmailRequest {
     pub html: Option<String>,
 }
 
-fn single_line(value: &str) -> Result<(), ValidationError> {
+pub(super) fn single_line(value: &str) -> Result<(), ValidationError> {
     if value.contains(['\r', '\n']) {
-        return Err(ValidationError::new("line_break").with_message("must not contain line breaks (CR or LF)".into()));
+        return Err(ValidationError::new("line_break")
+            .with_message("must not contain line breaks (CR or LF)".into()));
     }
     Ok(())
 }
 
-fn not_blank(value: &str) -> Result<(), ValidationError> {
+pub(super) fn not_blank(value: &str) -> Result<(), ValidationError> {
     if value.trim().is_empty() {
         return Err(ValidationError::new("blank").with_message("must not be empty or blank".into()));
     }
@@ -52,44 +59,149 @@ pub async fn send_email(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body: EmailRequest = json_body(&req, payload, state.max_body_bytes).await?;
+    let parsed: Parsed<EmailRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let body = parsed.body;
     let message = EmailMessage {
         to: body.to.unwrap_or_default(),
         subject: body.subject.unwrap_or_default(),
         body: body.body.unwrap_or_default(),
         html: body.html,
     };
-    let payload = serde_json::to_value(&message).map_err(|e| ApiError::Unexpected(e.into()))?;
-    let env = Envelope::direct(Channel::Email, request_id(&req), payload);
-    publish(&state, &env, &Topology::direct_key(Channel::Email)).await?;
-    Ok(HttpResponse::Accepted().insert_header(("X-Request-Id", env.correlation_id.clone())).json(
-        serde_json::json!({
-            "message": "request accepted and is being processed",
-            "id": env.id,
-            "received_at": env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        }),
-    ))
+    direct(
+        &state,
+        &req,
+        &parsed.value,
+        Channel::Email,
+        serde_json::to_value(&message),
+    )
+    .await
 }
 
-/// Publishes and maps broker trouble to the caller's answer: 503 + Retry-After when it may
-/// pass, 500 when the topology is wrong.
-pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Result<(), ApiError> {
-    let started = std::time::Instant::now();
-    match state.publisher.publish(env, routing_key).await {
-        Ok(()) => {
-            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
-            Ok(())
-        }
-        Err(e @ PublishError::Unroutable { .. }) => {
-            tracing::error!(id = %env.id, error = %e, "message unroutable: the topology is missing a binding");
-            Err(ApiError::Unexpected(anyhow::anyhow!(e)))
-        }
-        Err(e) => {
-            tracing::warn!(id = %env.id, error = %e, "not accepted: broker unavailable");
-            Err(ApiError::Unavailable {
-                message: format!("the message broker is unavailable ({e}); nothing was accepted, retry later"),
-                retry_after: Duration::from_secs(if matches!(e, PublishError::Blocked) { 10 } else { 5 }),
-            })
-        }
+/// `POST /api/v1/notifications/webhook`: `payload` is POSTed to `url`, signed.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    #[validate(
+        required(message = "is required"),
+        length(min = 1, max = 2048, message = "must be 1 to 2048 characters")
+    )]
+    pub url: Option<String>,
+    #[validate(required(message = "is required"))]
+    pub payload: Option<serde_json::Value>,
+}
+
+pub async fn send_webhook(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed: Parsed<WebhookRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let url = parsed.body.url.unwrap_or_default();
+    notify_types::net::check_url_syntax(&url, state.allow_private_webhooks)
+        .map_err(|m| ApiError::field("url", m))?;
+    let message = WebhookMessage {
+        url,
+        payload: parsed.body.payload.unwrap_or_default(),
+    };
+    direct(
+        &state,
+        &req,
+        &parsed.value,
+        Channel::Webhook,
+        serde_json::to_value(&message),
+    )
+    .await
+}
+
+/// `POST /api/v1/notifications/in-app`: an item in `user`'s inbox.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct InAppRequest {
+    #[validate(
+        required(message = "is required"),
+        length(min = 1, max = 128, message = "must be 1 to 128 characters"),
+        custom(function = "not_blank"),
+        custom(function = "single_line")
+    )]
+    pub user: Option<String>,
+    #[validate(
+        required(message = "is required"),
+        length(min = 1, max = 200, message = "must be 1 to 200 characters"),
+        custom(function = "not_blank")
+    )]
+    pub title: Option<String>,
+    #[validate(
+        required(message = "is required"),
+        length(min = 1, max = 10000, message = "must be 1 to 10000 characters"),
+        custom(function = "not_blank")
+    )]
+    pub body: Option<String>,
+    pub data: Option<serde_json::Value>,
+}
+
+pub async fn send_in_app(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed: Parsed<InAppRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let b = parsed.body;
+    let message = InAppMessage {
+        user: b.user.unwrap_or_default(),
+        title: b.title.unwrap_or_default(),
+        body: b.body.unwrap_or_default(),
+        data: b.data.filter(|d| !d.is_null()),
+    };
+    direct(
+        &state,
+        &req,
+        &parsed.value,
+        Channel::InApp,
+        serde_json::to_value(&message),
+    )
+    .await
+}
+
+async fn direct(
+    state: &AppState,
+    req: &HttpRequest,
+    request: &serde_json::Value,
+    channel: Channel,
+    payload: Result<serde_json::Value, serde_json::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let payload = payload.map_err(|e| ApiError::Unexpected(e.into()))?;
+    let env = Envelope::direct(channel, request_id(req), payload);
+    let body = serde_json::json!({
+        "message": "request accepted and is being processed",
+        "id": env.id,
+        "received_at": env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+    });
+    accept(
+        state,
+        req,
+        request,
+        Accept {
+            env,
+            routing_key: Topology::direct_key(channel),
+            body,
+        },
+    )
+    .await
+}
+
+/// `GET /api/v1/notifications/{id}`: delivery state per channel.
+pub async fn status(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let raw = path.into_inner();
+    let id = Uuid::parse_str(&raw)
+        .map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
+    let channels = state.store()?.delivery_status(id).await?;
+    if channels.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "no delivery of notification {id} is recorded: the id is unknown, or the notification is still queued"
+        )));
     }
+    Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "channels": channels})))
 }

@@ -1,0 +1,131 @@
+//! The accept step shared by every POST: publish with confirms, answer 202 — and with an
+//! `Idempotency-Key`, answer a repeated request with the first 202 without publishing again.
+
+use super::AppState;
+use crate::error::ApiError;
+use actix_web::{http::StatusCode, HttpRequest, HttpResponse};
+use notify_store::Begin;
+use notify_types::{broker::PublishError, Envelope};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+/// How long a repeated request waits for the first one with its key to finish.
+const PENDING_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Accept {
+    pub env: Envelope,
+    pub routing_key: String,
+    /// The 202 body.
+    pub body: serde_json::Value,
+}
+
+pub async fn accept(
+    state: &AppState,
+    req: &HttpRequest,
+    request: &serde_json::Value,
+    a: Accept,
+) -> Result<HttpResponse, ApiError> {
+    let Some(key) = idempotency_key(req)? else {
+        publish(state, &a.env, &a.routing_key).await?;
+        return Ok(accepted(&a.env, a.body));
+    };
+    let store = state.store()?;
+    // Canonical JSON (sorted keys) of path + body: the same request in other whitespace or key
+    // order is the same request.
+    let hash = hex(&Sha256::digest(format!("{}\n{}", req.path(), request)));
+    for _ in 0..3 {
+        match store.idempotency_begin(&key, &hash).await? {
+            Begin::Owner => {
+                if let Err(e) = publish(state, &a.env, &a.routing_key).await {
+                    // Nothing was accepted: free the key so the caller's retry can go through.
+                    if let Err(e) = store.idempotency_abandon(&key).await {
+                        tracing::warn!(error = %e, "could not release an idempotency key");
+                    }
+                    return Err(e);
+                }
+                if let Err(e) = store.idempotency_complete(&key, 202, &a.body).await {
+                    tracing::error!(error = %e, id = %a.env.id, "accepted, but the idempotency record was not saved");
+                }
+                return Ok(accepted(&a.env, a.body));
+            }
+            Begin::Replay { status, body } => return Ok(replay(status, body)),
+            Begin::Mismatch => {
+                return Err(ApiError::field(
+                    "Idempotency-Key",
+                    "was already used with a different request; use a new key for a new request",
+                ))
+            }
+            Begin::Pending => {
+                if let Some(Begin::Replay { status, body }) =
+                    store.idempotency_wait(&key, PENDING_WAIT).await?
+                {
+                    return Ok(replay(status, body));
+                }
+                // The first request gave up (its key was released): try to become the owner.
+            }
+        }
+    }
+    Err(ApiError::Conflict(
+        "a request with this Idempotency-Key is still in progress; retry later".into(),
+    ))
+}
+
+fn accepted(env: &Envelope, body: serde_json::Value) -> HttpResponse {
+    HttpResponse::Accepted()
+        .insert_header(("X-Request-Id", env.correlation_id.clone()))
+        .json(body)
+}
+
+fn replay(status: u16, body: serde_json::Value) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED))
+        .insert_header(("Idempotent-Replayed", "true"))
+        .json(body)
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(raw) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    match raw.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_string()))
+        }
+        _ => Err(ApiError::field(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Publishes and maps broker trouble to the caller's answer: 503 + Retry-After when it may
+/// pass, 500 when the topology is wrong.
+pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Result<(), ApiError> {
+    let started = std::time::Instant::now();
+    match state.publisher.publish(env, routing_key).await {
+        Ok(()) => {
+            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
+            Ok(())
+        }
+        Err(e @ PublishError::Unroutable { .. }) => {
+            tracing::error!(id = %env.id, error = %e, "message unroutable: the topology is missing a binding");
+            Err(ApiError::Unexpected(anyhow::anyhow!(e)))
+        }
+        Err(e) => {
+            tracing::warn!(id = %env.id, error = %e, "not accepted: broker unavailable");
+            Err(ApiError::Unavailable {
+                message: format!(
+                    "the message broker is unavailable ({e}); nothing was accepted, retry later"
+                ),
+                retry_after: Duration::from_secs(if matches!(e, PublishError::Blocked) {
+                    10
+                } else {
+                    5
+                }),
+            })
+        }
+    }
+}
