@@ -55,4 +55,5 @@ async fn posts_get_503_within_5s_while_the_broker_is_down_and_202_after_it_retur
     println!("both APIs accepting again {:?} after the broker returned", back.elapsed());
     api.stop().await;
     late.stop().await;
+    support::drop_schema(&s).await;
 }

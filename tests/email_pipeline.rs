@@ -38,9 +38,13 @@ async fn accepted_email_is_delivered_exactly_once_and_the_queue_ends_empty() {
     assert_eq!(reports[0].id.unwrap().to_string(), id);
     let mails = h.smtp.wait_for_mails(1, WAIT).await;
     assert_eq!(mails[0].subject, "Welcome to notify");
-    assert_eq!(mails[0].text_body, "Your account is ready.");
+    assert_eq!(mails[0].text_body.trim_end(), "Your account is ready.", "lettre ends the body with CRLF");
     assert_eq!(mails[0].to, vec!["user@example.com".to_string()]);
-    assert!(mails[0].message_id.as_deref().unwrap_or("").contains(&id), "Message-ID derives from the id: {:?}", mails[0].message_id);
+    assert!(
+        mails[0].message_id.as_deref().unwrap_or("").contains(&id),
+        "Message-ID derives from the id: {:?}",
+        mails[0].message_id
+    );
 
     // Once the worker's connection is closed, anything left unacked would be back in the queue.
     worker.stop().await.unwrap();
@@ -73,7 +77,12 @@ async fn hundred_concurrent_posts_become_hundred_distinct_mails() {
     let posts = (0..100).map(|i| {
         let api = &h.api;
         async move {
-            let res = api.post_json("/api/v1/notifications/email", &email(&format!("user{i}@example.com"), &format!("mail {i}"), &format!("body {i}"))).await;
+            let res = api
+                .post_json(
+                    "/api/v1/notifications/email",
+                    &email(&format!("user{i}@example.com"), &format!("mail {i}"), &format!("body {i}")),
+                )
+                .await;
             assert_eq!(res.status(), 202);
             res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
         }
@@ -104,7 +113,10 @@ async fn smtp_4xx_twice_is_delivered_on_attempt_three_through_the_delay_tiers() 
     let h = Harness::start("retry-then-ok").await;
     h.smtp.script(vec![Reply::transient(), Reply::transient()]);
     let mut worker = h.worker().await;
-    assert_eq!(h.api.post_json("/api/v1/notifications/email", &email("r@example.com", "retry me", "b")).await.status(), 202);
+    assert_eq!(
+        h.api.post_json("/api/v1/notifications/email", &email("r@example.com", "retry me", "b")).await.status(),
+        202
+    );
 
     let reports = worker.next_reports(3, WAIT).await;
     let settled: Vec<_> = reports.iter().map(|r| (r.attempt, r.settled.clone())).collect();
@@ -127,7 +139,10 @@ async fn smtp_5xx_is_dead_lettered_on_attempt_one_with_the_reason() {
     let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
 
     let reports = worker.next_reports(1, WAIT).await;
-    assert_eq!((reports[0].attempt, reports[0].settled.clone()), (1, Settled::DeadLettered { reason: DeadReason::Permanent }));
+    assert_eq!(
+        (reports[0].attempt, reports[0].settled.clone()),
+        (1, Settled::DeadLettered { reason: DeadReason::Permanent })
+    );
     worker.stop().await.unwrap();
     assert_eq!(h.smtp.attempts(), 1);
     assert!(h.smtp.mails().is_empty());
@@ -150,12 +165,18 @@ async fn always_failing_smtp_makes_exactly_max_attempts_then_dead_letters() {
     let h = Harness::start("max-attempts").await;
     h.smtp.always(Reply::transient());
     let mut worker = h.worker().await;
-    assert_eq!(h.api.post_json("/api/v1/notifications/email", &email("busy@example.com", "s", "b")).await.status(), 202);
+    assert_eq!(
+        h.api.post_json("/api/v1/notifications/email", &email("busy@example.com", "s", "b")).await.status(),
+        202
+    );
 
     let n = TEST_MAX_ATTEMPTS as usize;
     let reports = worker.next_reports(n, WAIT).await;
     let last = reports.last().unwrap();
-    assert_eq!((last.attempt, last.settled.clone()), (TEST_MAX_ATTEMPTS, Settled::DeadLettered { reason: DeadReason::MaxAttempts }));
+    assert_eq!(
+        (last.attempt, last.settled.clone()),
+        (TEST_MAX_ATTEMPTS, Settled::DeadLettered { reason: DeadReason::MaxAttempts })
+    );
     assert!(reports[..n - 1].iter().all(|r| matches!(r.settled, Settled::Retrying { .. })), "{reports:?}");
     worker.stop().await.unwrap();
     assert_eq!(h.smtp.attempts(), n, "exactly MAX_ATTEMPTS attempts");

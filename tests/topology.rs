@@ -3,7 +3,10 @@
 
 mod support;
 
-use lapin::{options::QueueDeclareOptions, types::{AMQPValue, FieldTable}};
+use lapin::{
+    options::QueueDeclareOptions,
+    types::{AMQPValue, FieldTable},
+};
 use notify_testkit::{rabbit, smtp::SmtpServer};
 use notify_types::Channel;
 use support::{settings, TestApi, TestWorker};
@@ -31,6 +34,7 @@ async fn api_and_worker_both_declaring_is_idempotent() {
         }
     }
     rabbit::delete_topology(&conn, &topology).await;
+    support::drop_schema(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +49,9 @@ async fn a_queue_declared_with_other_arguments_stops_startup_naming_it() {
     let ch = conn.create_channel().await.unwrap();
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .unwrap();
 
     let err = TestApi::start(&s).await.err().expect("the API refuses to start").to_string();
     assert!(err.contains(&format!("`{queue}`")), "API error names the queue: {err}");
@@ -56,4 +62,5 @@ async fn a_queue_declared_with_other_arguments_stops_startup_naming_it() {
     assert!(err.contains(&format!("`{queue}`")), "worker error names the queue: {err}");
 
     rabbit::delete_topology(&conn, &topology).await;
+    support::drop_schema(&s).await;
 }

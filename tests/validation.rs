@@ -57,7 +57,12 @@ fn cases() -> Vec<Case> {
         raw_case("no content type", None, &ok().to_string(), 415),
         raw_case("xml", Some("application/xml"), "<to>a@example.com</to>", 415),
         // 413: too large
-        raw_case("body over the limit", Some("application/json"), &with("body", "x".repeat(300 * 1024).into()).to_string(), 413),
+        raw_case(
+            "body over the limit",
+            Some("application/json"),
+            &with("body", "x".repeat(300 * 1024).into()).to_string(),
+            413,
+        ),
         // 422: missing fields
         json_case("missing to", without("to"), 422, Some("to")),
         json_case("missing subject", without("subject"), 422, Some("subject")),
@@ -113,10 +118,13 @@ async fn invalid_requests_get_the_right_4xx_and_publish_nothing() {
         let code_ok = body["error"]["code"].is_string() && body["error"]["message"].is_string();
         let field_ok = match case.field {
             None => true,
-            Some(f) => body["error"]["fields"].as_array().is_some_and(|fs| fs.iter().any(|x| x["field"] == f && x["message"].is_string())),
+            Some(f) => body["error"]["fields"]
+                .as_array()
+                .is_some_and(|fs| fs.iter().any(|x| x["field"] == f && x["message"].is_string())),
         };
         if status != case.status || !code_ok || !field_ok {
-            failures.push(format!("{}: expected {} (field {:?}), got {status} {body}", case.name, case.status, case.field));
+            failures
+                .push(format!("{}: expected {} (field {:?}), got {status} {body}", case.name, case.status, case.field));
         }
     }
     assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
@@ -136,7 +144,8 @@ async fn missing_fields_are_all_listed_at_once() {
     let res = h.api.post_json(PATH, &serde_json::json!({})).await;
     assert_eq!(res.status(), 422);
     let body: Value = res.json().await.unwrap();
-    let fields: Vec<&str> = body["error"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> =
+        body["error"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
     assert_eq!(fields, vec!["body", "subject", "to"]);
     assert_eq!(body["error"]["code"], "validation_failed");
     h.cleanup().await;

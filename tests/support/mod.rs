@@ -30,10 +30,29 @@ pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<Strin
         ("API_HOST", "127.0.0.1"),
         ("API_PORT", "0"),
         ("API_HTTP_WORKERS", "2"),
+        ("DATABASE_URL", &database_url()),
+        ("DATABASE_SCHEMA", &schema_of(prefix)),
+        ("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/config/routes.toml")),
+        ("WEBHOOK_ALLOW_PRIVATE", "true"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
+}
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.to_string())
+}
+
+/// The test's own Postgres schema, named after its prefix.
+pub fn schema_of(prefix: &str) -> String {
+    prefix.replace(['-', '.'], "_")
+}
+
+/// Drops the test's schema.
+pub async fn drop_schema(settings: &HashMap<String, String>) {
+    let store = notify_store::Store::connect_lazy(&settings["DATABASE_URL"], &settings["DATABASE_SCHEMA"], 1).unwrap();
+    store.drop_schema().await.expect("schema dropped");
 }
 
 pub struct TestApi {
@@ -145,9 +164,14 @@ impl Harness {
         rabbit::message_count(&self.amqp, queue).await.unwrap_or_else(|| panic!("queue {queue} exists"))
     }
 
-    /// Stops the API and removes every queue and the exchange of this test.
+    pub fn store(&self) -> notify_store::Store {
+        notify_store::Store::connect_lazy(&self.settings["DATABASE_URL"], &self.settings["DATABASE_SCHEMA"], 4).unwrap()
+    }
+
+    /// Stops the API and removes every queue, the exchange and the schema of this test.
     pub async fn cleanup(self) {
         self.api.stop().await;
+        drop_schema(&self.settings).await;
         rabbit::delete_topology(&self.amqp, &self.topology).await;
         let _ = self.amqp.close(200, "test done".into()).await;
     }

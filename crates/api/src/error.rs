@@ -20,10 +20,7 @@ pub enum ApiError {
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
-    Validation {
-        message: String,
-        fields: Vec<FieldError>,
-    },
+    Validation { message: String, fields: Vec<FieldError> },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -31,10 +28,7 @@ pub enum ApiError {
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
     #[error("{message}")]
-    Unavailable {
-        message: String,
-        retry_after: Duration,
-    },
+    Unavailable { message: String, retry_after: Duration },
     #[error("internal error")]
     Unexpected(#[source] anyhow::Error),
 }
@@ -56,17 +50,11 @@ impl From<notify_store::StoreError> for ApiError {
 
 impl ApiError {
     pub fn validation(fields: Vec<FieldError>) -> Self {
-        ApiError::Validation {
-            message: "the request has invalid fields".into(),
-            fields,
-        }
+        ApiError::Validation { message: "the request has invalid fields".into(), fields }
     }
 
     pub fn field(field: &str, message: impl Into<String>) -> Self {
-        Self::validation(vec![FieldError {
-            field: field.to_string(),
-            message: message.into(),
-        }])
+        Self::validation(vec![FieldError { field: field.to_string(), message: message.into() }])
     }
 
     fn code(&self) -> &'static str {
@@ -120,13 +108,7 @@ impl ResponseError for ApiError {
         if let ApiError::Unexpected(e) = self {
             tracing::error!(error = format!("{e:#}"), "request failed unexpectedly");
         }
-        let body = Body {
-            error: Inner {
-                code: self.code(),
-                message: self.to_string(),
-                fields,
-            },
-        };
+        let body = Body { error: Inner { code: self.code(), message: self.to_string(), fields } };
         let mut res = HttpResponse::build(self.status_code());
         if let ApiError::Unavailable { retry_after, .. } = self {
             res.insert_header(("Retry-After", retry_after.as_secs().max(1).to_string()));

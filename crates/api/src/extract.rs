@@ -15,20 +15,13 @@ pub struct Parsed<T> {
 }
 
 /// Reads, parses and validates a JSON body into `T`.
-pub async fn json_body<T>(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<Parsed<T>, ApiError>
+pub async fn json_body<T>(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Parsed<T>, ApiError>
 where
     T: DeserializeOwned + Validate,
 {
     check_content_type(req)?;
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+    if let Some(len) =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
     {
         if len > limit {
             return Err(ApiError::PayloadTooLarge { limit });
@@ -36,8 +29,7 @@ where
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::MalformedJson(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -61,39 +53,20 @@ where
         let field = if path == "." { String::new() } else { path };
         ApiError::field(&field, clean_serde_message(&e.into_inner().to_string()))
     })?;
-    parsed
-        .validate()
-        .map_err(|e| ApiError::validation(field_errors(&e)))?;
-    Ok(Parsed {
-        body: parsed,
-        value,
-    })
+    parsed.validate().map_err(|e| ApiError::validation(field_errors(&e)))?;
+    Ok(Parsed { body: parsed, value })
 }
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
-    let raw = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = raw
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let is_json = essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    let raw = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let is_json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
     if is_json {
         Ok(())
     } else if raw.is_empty() {
-        Err(ApiError::UnsupportedMediaType(
-            "Content-Type must be application/json (none was sent)".into(),
-        ))
+        Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none was sent)".into()))
     } else {
-        Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type must be application/json, not `{raw}`"
-        )))
+        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not `{raw}`")))
     }
 }
 
@@ -113,11 +86,7 @@ pub fn field_errors(errors: &ValidationErrors) -> Vec<FieldError> {
         .flat_map(|(field, errs)| {
             errs.iter().map(move |e| FieldError {
                 field: field.to_string(),
-                message: e
-                    .message
-                    .as_ref()
-                    .map(|m| m.to_string())
-                    .unwrap_or_else(|| e.code.to_string()),
+                message: e.message.as_ref().map(|m| m.to_string()).unwrap_or_else(|| e.code.to_string()),
             })
         })
         .collect();

@@ -34,10 +34,7 @@ fn main() -> ExitCode {
 /// container healthchecks in images without curl.
 fn healthcheck() -> ExitCode {
     use std::io::{Read, Write};
-    let port = std::env::var("API_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(9919);
+    let port = std::env::var("API_PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(9919);
     let check = || -> std::io::Result<bool> {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;

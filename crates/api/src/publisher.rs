@@ -162,9 +162,7 @@ impl Session {
 
 impl Inner {
     async fn open_session(&self) -> Result<Arc<Session>, SessionError> {
-        let conn = broker::connect(&self.url, "notify-api", CONNECT_TIMEOUT)
-            .await
-            .map_err(SessionError::Broker)?;
+        let conn = broker::connect(&self.url, "notify-api", CONNECT_TIMEOUT).await.map_err(SessionError::Broker)?;
         self.topology.declare(&conn).await.map_err(|e| match e {
             TopologyError::Broker { source, .. } => SessionError::Broker(source),
             mismatch => SessionError::Topology(mismatch),
@@ -172,9 +170,7 @@ impl Inner {
         let mut channels = Vec::with_capacity(self.channels);
         for _ in 0..self.channels {
             let ch = conn.create_channel().await.map_err(SessionError::Broker)?;
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(SessionError::Broker)?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Broker)?;
             channels.push(ch);
         }
         tracing::info!(broker = %redact_url(&self.url), channels = channels.len(), "connected to RabbitMQ");
@@ -200,11 +196,7 @@ async fn supervise(inner: Arc<Inner>) {
             }
             tracing::warn!("lost the RabbitMQ connection; reconnecting");
             inner.session.write().unwrap().take();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                session.conn.close(320, "reconnecting".into()),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.conn.close(320, "reconnecting".into())).await;
             backoff = Duration::from_millis(200);
         }
         if inner.shutdown.is_cancelled() {

@@ -21,11 +21,7 @@ impl Application {
     /// address or a topology mismatch; an unreachable broker only makes the API unready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Application> {
         let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}:{} (API_HOST/API_PORT): {e}",
-                config.host,
-                config.port
-            )
+            anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port)
         })?;
         let port = listener.local_addr()?.port();
         let routes = Arc::new(Routes::load(&config.routes_file)?);
@@ -37,13 +33,9 @@ impl Application {
             // Only idempotency keys, status and the inbox need Postgres; accepting does not.
             tracing::warn!(error = %e, "cannot migrate the database at start; its endpoints answer 503 until it is reachable");
         }
-        let publisher = Publisher::start(
-            config.rabbitmq_url.clone(),
-            topology,
-            config.publish_timeout,
-            config.publish_channels,
-        )
-        .await?;
+        let publisher =
+            Publisher::start(config.rabbitmq_url.clone(), topology, config.publish_timeout, config.publish_channels)
+                .await?;
         let state = web::Data::new(AppState {
             publisher: publisher.clone(),
             max_body_bytes: config.max_body_bytes,
@@ -68,11 +60,7 @@ impl Application {
             server = server.disable_signals();
         }
         tracing::info!(port, "notify-api listening");
-        Ok(Application {
-            port,
-            server: server.run(),
-            publisher,
-        })
+        Ok(Application { port, server: server.run(), publisher })
     }
 
     pub fn port(&self) -> u16 {

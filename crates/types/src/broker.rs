@@ -18,11 +18,7 @@ pub enum PublishError {
     #[error("the broker refused the message (nack)")]
     Nacked,
     #[error("no queue is bound for routing key `{routing_key}` on exchange `{exchange}` (message returned: {reply})")]
-    Unroutable {
-        exchange: String,
-        routing_key: String,
-        reply: String,
-    },
+    Unroutable { exchange: String, routing_key: String, reply: String },
     #[error("publisher confirms are not enabled on this channel")]
     NotConfirmed,
     #[error("the broker blocked publishers (resource alarm)")]
@@ -55,12 +51,10 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<Connect
     let props = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(timeout, Connection::connect(&url, props)).await {
         Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
-            std::sync::Arc::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connecting to RabbitMQ timed out",
-            )),
-        ))),
+        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting to RabbitMQ timed out",
+        ))))),
     }
 }
 
@@ -93,10 +87,7 @@ pub async fn publish_confirmed(
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
+                BasicPublishOptions { mandatory: true, ..Default::default() },
                 payload,
                 properties,
             )
@@ -104,13 +95,11 @@ pub async fn publish_confirmed(
             .await?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Unroutable {
-                    exchange: exchange.to_string(),
-                    routing_key: routing_key.to_string(),
-                    reply: returned.reply_text.to_string(),
-                })
-            }
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(PublishError::Unroutable {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                reply: returned.reply_text.to_string(),
+            }),
             Confirmation::Nack(None) => Err(PublishError::Nacked),
             Confirmation::NotRequested => Err(PublishError::NotConfirmed),
         }
@@ -151,17 +140,8 @@ mod tests {
 
     #[test]
     fn heartbeat_is_added_only_when_missing() {
-        assert_eq!(
-            with_default_heartbeat("amqp://h:5672/%2f"),
-            "amqp://h:5672/%2f?heartbeat=10"
-        );
-        assert_eq!(
-            with_default_heartbeat("amqp://h/%2f?frame_max=8192"),
-            "amqp://h/%2f?frame_max=8192&heartbeat=10"
-        );
-        assert_eq!(
-            with_default_heartbeat("amqp://h/?heartbeat=5"),
-            "amqp://h/?heartbeat=5"
-        );
+        assert_eq!(with_default_heartbeat("amqp://h:5672/%2f"), "amqp://h:5672/%2f?heartbeat=10");
+        assert_eq!(with_default_heartbeat("amqp://h/%2f?frame_max=8192"), "amqp://h/%2f?frame_max=8192&heartbeat=10");
+        assert_eq!(with_default_heartbeat("amqp://h/?heartbeat=5"), "amqp://h/?heartbeat=5");
     }
 }

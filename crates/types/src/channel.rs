@@ -37,9 +37,7 @@ impl FromStr for Channel {
             "email" => Ok(Channel::Email),
             "webhook" => Ok(Channel::Webhook),
             "in_app" | "in-app" => Ok(Channel::InApp),
-            other => Err(format!(
-                "unknown channel `{other}` (expected email, webhook or in_app)"
-            )),
+            other => Err(format!("unknown channel `{other}` (expected email, webhook or in_app)")),
         }
     }
 }

@@ -12,10 +12,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: &str, message: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.to_string(),
-            message: message.into(),
-        }
+        ConfigError { key: key.to_string(), message: message.into() }
     }
 }
 
@@ -58,27 +55,15 @@ where
 {
     match src.get(key) {
         None => Ok(default),
-        Some(raw) => raw
-            .trim()
-            .parse::<T>()
-            .map_err(|e| ConfigError::new(key, format!("`{raw}` is not valid: {e}"))),
+        Some(raw) => raw.trim().parse::<T>().map_err(|e| ConfigError::new(key, format!("`{raw}` is not valid: {e}"))),
     }
 }
 
 /// A positive integer in `min..=max`.
-pub fn bounded(
-    src: &dyn Source,
-    key: &str,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
+pub fn bounded(src: &dyn Source, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
     let v: u64 = parse(src, key, default)?;
     if v < min || v > max {
-        return Err(ConfigError::new(
-            key,
-            format!("{v} is out of range {min}..={max}"),
-        ));
+        return Err(ConfigError::new(key, format!("{v} is out of range {min}..={max}")));
     }
     Ok(v)
 }
@@ -87,12 +72,8 @@ pub fn bounded(
 pub fn duration(src: &dyn Source, key: &str, default: Duration) -> Result<Duration, ConfigError> {
     match src.get(key) {
         None => Ok(default),
-        Some(raw) => humantime::parse_duration(raw.trim()).map_err(|e| {
-            ConfigError::new(
-                key,
-                format!("`{raw}` is not a duration like 5s or 250ms: {e}"),
-            )
-        }),
+        Some(raw) => humantime::parse_duration(raw.trim())
+            .map_err(|e| ConfigError::new(key, format!("`{raw}` is not a duration like 5s or 250ms: {e}"))),
     }
 }
 
@@ -104,18 +85,12 @@ pub fn durations(src: &dyn Source, key: &str, default: &str) -> Result<Vec<Durat
         let d = humantime::parse_duration(part)
             .map_err(|e| ConfigError::new(key, format!("`{part}` is not a duration: {e}")))?;
         if d < Duration::from_millis(1) {
-            return Err(ConfigError::new(
-                key,
-                format!("`{part}` must be at least 1ms"),
-            ));
+            return Err(ConfigError::new(key, format!("`{part}` must be at least 1ms")));
         }
         out.push(d);
     }
     if out.is_empty() {
-        return Err(ConfigError::new(
-            key,
-            "needs at least one delay, e.g. 1s,10s,1m",
-        ));
+        return Err(ConfigError::new(key, "needs at least one delay, e.g. 1s,10s,1m"));
     }
     Ok(out)
 }
@@ -124,10 +99,7 @@ pub fn durations(src: &dyn Source, key: &str, default: &str) -> Result<Vec<Durat
 pub fn amqp_url(src: &dyn Source, key: &str, default: &str) -> Result<String, ConfigError> {
     let url = string(src, key, default);
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(ConfigError::new(
-            key,
-            format!("`{}` must start with amqp:// or amqps://", redact_url(&url)),
-        ));
+        return Err(ConfigError::new(key, format!("`{}` must start with amqp:// or amqps://", redact_url(&url))));
     }
     url::Url::parse(&url).map_err(|e| ConfigError::new(key, format!("not a URL: {e}")))?;
     Ok(url)
@@ -136,15 +108,8 @@ pub fn amqp_url(src: &dyn Source, key: &str, default: &str) -> Result<String, Co
 /// A resource-name prefix: letters, digits, `-`, `_`, `.`.
 pub fn prefix(src: &dyn Source, key: &str, default: &str) -> Result<String, ConfigError> {
     let p = string(src, key, default);
-    if p.is_empty()
-        || !p
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(ConfigError::new(
-            key,
-            format!("`{p}` may only hold letters, digits, '-', '_' and '.'"),
-        ));
+    if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(ConfigError::new(key, format!("`{p}` may only hold letters, digits, '-', '_' and '.'")));
     }
     Ok(p)
 }
@@ -167,55 +132,31 @@ mod tests {
     use std::collections::HashMap;
 
     fn src(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn errors_name_the_key() {
-        let s = src(&[
-            ("WORKER_CONCURRENCY", "lots"),
-            ("RETRY_SCHEDULE", "1s,soon"),
-        ]);
+        let s = src(&[("WORKER_CONCURRENCY", "lots"), ("RETRY_SCHEDULE", "1s,soon")]);
         let e = parse::<u32>(&s, "WORKER_CONCURRENCY", 4).unwrap_err();
         assert!(e.to_string().contains("WORKER_CONCURRENCY"), "{e}");
         let e = durations(&s, "RETRY_SCHEDULE", "1s").unwrap_err();
-        assert!(
-            e.to_string().contains("RETRY_SCHEDULE") && e.to_string().contains("soon"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("RETRY_SCHEDULE") && e.to_string().contains("soon"), "{e}");
         let e = bounded(&src(&[("X", "0")]), "X", 1, 1, 10).unwrap_err();
         assert!(e.to_string().contains("out of range"));
     }
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("amqp://user:s3cret@host:5672/%2f"),
-            "amqp://user:***@host:5672/%2f"
-        );
-        let e = amqp_url(
-            &src(&[("RABBITMQ_URL", "http://u:s3cret@h")]),
-            "RABBITMQ_URL",
-            "",
-        )
-        .unwrap_err();
+        assert_eq!(redact_url("amqp://user:s3cret@host:5672/%2f"), "amqp://user:***@host:5672/%2f");
+        let e = amqp_url(&src(&[("RABBITMQ_URL", "http://u:s3cret@h")]), "RABBITMQ_URL", "").unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]
     fn schedule_parses() {
         let d = durations(&src(&[]), "RETRY_SCHEDULE", "50ms, 1s,2m").unwrap();
-        assert_eq!(
-            d,
-            vec![
-                Duration::from_millis(50),
-                Duration::from_secs(1),
-                Duration::from_secs(120)
-            ]
-        );
+        assert_eq!(d, vec![Duration::from_millis(50), Duration::from_secs(1), Duration::from_secs(120)]);
     }
 }
 

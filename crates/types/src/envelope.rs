@@ -72,8 +72,7 @@ impl Envelope {
 
     /// Parses a message body, refusing unknown versions.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let env: Envelope =
-            serde_json::from_slice(bytes).map_err(|e| format!("bad envelope: {e}"))?;
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("bad envelope: {e}"))?;
         if env.version != ENVELOPE_VERSION {
             return Err(format!("unsupported envelope version {}", env.version));
         }
@@ -87,11 +86,7 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_and_rejects_unknown_versions() {
-        let env = Envelope::direct(
-            Channel::Email,
-            "req-1".into(),
-            serde_json::json!({"to": "a@b.c"}),
-        );
+        let env = Envelope::direct(Channel::Email, "req-1".into(), serde_json::json!({"to": "a@b.c"}));
         let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
         assert_eq!(back, env);
         let mut v = serde_json::to_value(&env).unwrap();

@@ -12,7 +12,5 @@ pub mod telemetry;
 pub mod topology;
 
 pub use channel::Channel;
-pub use envelope::{
-    EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage, ENVELOPE_VERSION,
-};
+pub use envelope::{EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage, ENVELOPE_VERSION};
 pub use topology::{QueueType, Topology, TopologyError};

@@ -55,9 +55,7 @@ pub fn check_url_syntax(raw: &str, allow_private: bool) -> Result<url::Url, Stri
         }
     };
     if forbidden {
-        return Err(
-            "points to a private, loopback or link-local address, which is not allowed".into(),
-        );
+        return Err("points to a private, loopback or link-local address, which is not allowed".into());
     }
     Ok(url)
 }
@@ -84,10 +82,7 @@ mod tests {
             "ftp://example.com/",
             "not a url",
         ] {
-            assert!(
-                check_url_syntax(bad, false).is_err(),
-                "{bad} must be refused"
-            );
+            assert!(check_url_syntax(bad, false).is_err(), "{bad} must be refused");
         }
         assert!(check_url_syntax("http://127.0.0.1/x", true).is_ok());
         assert!(check_url_syntax("https://hooks.example.com/a?b=c", false).is_ok());

@@ -90,11 +90,7 @@ pub struct Routes {
 impl Routes {
     /// An empty set of routes (every event is unknown).
     pub fn empty() -> Routes {
-        Routes {
-            channels: BTreeMap::new(),
-            webhooks: BTreeMap::new(),
-            env: new_env(),
-        }
+        Routes { channels: BTreeMap::new(), webhooks: BTreeMap::new(), env: new_env() }
     }
 
     pub fn load(path: &str) -> Result<Routes, RoutesError> {
@@ -106,44 +102,29 @@ impl Routes {
     }
 
     /// Parses routes from text; `env` resolves `${VAR}` in webhook urls and secrets.
-    pub fn parse(
-        text: &str,
-        file: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Routes, RoutesError> {
-        let err = |message: String| RoutesError {
-            file: file.to_string(),
-            message,
-        };
+    pub fn parse(text: &str, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Routes, RoutesError> {
+        let err = |message: String| RoutesError { file: file.to_string(), message };
         let raw: RawFile = toml::from_str(text).map_err(|e| err(format!("not valid TOML: {e}")))?;
         let mut routes = Routes::empty();
         for (event, channels) in raw.events {
-            if event.is_empty()
-                || !event
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            {
-                return Err(err(format!(
-                    "event `{event}`: names may only hold letters, digits, '.', '_' and '-'"
-                )));
+            if event.is_empty() || !event.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(err(format!("event `{event}`: names may only hold letters, digits, '.', '_' and '-'")));
             }
             if channels.is_empty() {
-                return Err(err(format!("event `{event}` has no channel (add [events.\"{event}\".email], .webhook or .in_app)")));
+                return Err(err(format!(
+                    "event `{event}` has no channel (add [events.\"{event}\".email], .webhook or .in_app)"
+                )));
             }
             let mut list = Vec::new();
             for (channel_name, value) in channels {
-                let channel: Channel = channel_name
-                    .parse()
-                    .map_err(|e: String| err(format!("event `{event}`: {e}")))?;
+                let channel: Channel =
+                    channel_name.parse().map_err(|e: String| err(format!("event `{event}`: {e}")))?;
                 let at = |field: &str| format!("event `{event}`, {channel}.{field}");
                 match channel {
                     Channel::Email => {
-                        let e: RawEmail = value
-                            .try_into()
-                            .map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
-                        routes
-                            .add(&event, channel, "to", &e.to)
-                            .map_err(|m| err(format!("{}: {m}", at("to"))))?;
+                        let e: RawEmail =
+                            value.try_into().map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
+                        routes.add(&event, channel, "to", &e.to).map_err(|m| err(format!("{}: {m}", at("to"))))?;
                         routes
                             .add(&event, channel, "subject", &e.subject)
                             .map_err(|m| err(format!("{}: {m}", at("subject"))))?;
@@ -157,9 +138,8 @@ impl Routes {
                         }
                     }
                     Channel::InApp => {
-                        let a: RawInApp = value
-                            .try_into()
-                            .map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
+                        let a: RawInApp =
+                            value.try_into().map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
                         routes
                             .add(&event, channel, "user", &a.user)
                             .map_err(|m| err(format!("{}: {m}", at("user"))))?;
@@ -171,28 +151,20 @@ impl Routes {
                             .map_err(|m| err(format!("{}: {m}", at("body"))))?;
                     }
                     Channel::Webhook => {
-                        let w: RawWebhook = value
-                            .try_into()
-                            .map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
-                        let url = expand_env(&w.url, env)
-                            .map_err(|m| err(format!("{}: {m}", at("url"))))?;
-                        let parsed = url::Url::parse(&url).map_err(|e| {
-                            err(format!("{}: `{url}` is not a URL: {e}", at("url")))
-                        })?;
+                        let w: RawWebhook =
+                            value.try_into().map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
+                        let url = expand_env(&w.url, env).map_err(|m| err(format!("{}: {m}", at("url"))))?;
+                        let parsed = url::Url::parse(&url)
+                            .map_err(|e| err(format!("{}: `{url}` is not a URL: {e}", at("url"))))?;
                         if !matches!(parsed.scheme(), "http" | "https") {
                             return Err(err(format!("{}: must be an http(s) URL", at("url"))));
                         }
                         let secret = match &w.secret {
-                            Some(s) => Some(
-                                expand_env(s, env)
-                                    .map_err(|m| err(format!("{}: {m}", at("secret"))))?,
-                            ),
+                            Some(s) => Some(expand_env(s, env).map_err(|m| err(format!("{}: {m}", at("secret"))))?),
                             None => None,
                         }
                         .filter(|s| !s.is_empty());
-                        routes
-                            .webhooks
-                            .insert(event.clone(), WebhookRoute { url, secret });
+                        routes.webhooks.insert(event.clone(), WebhookRoute { url, secret });
                     }
                 }
                 list.push(channel);
@@ -202,17 +174,9 @@ impl Routes {
         Ok(routes)
     }
 
-    fn add(
-        &mut self,
-        event: &str,
-        channel: Channel,
-        field: &str,
-        source: &str,
-    ) -> Result<(), String> {
+    fn add(&mut self, event: &str, channel: Channel, field: &str, source: &str) -> Result<(), String> {
         let name = template_name(event, channel, field);
-        self.env
-            .add_template_owned(name, source.to_string())
-            .map_err(|e| format!("template does not compile: {e}"))
+        self.env.add_template_owned(name, source.to_string()).map_err(|e| format!("template does not compile: {e}"))
     }
 
     /// Known events, sorted.
@@ -226,30 +190,17 @@ impl Routes {
 
     /// (event, channel) pairs, for the exchange bindings.
     pub fn bindings(&self) -> Vec<(String, Channel)> {
-        self.channels
-            .iter()
-            .flat_map(|(e, cs)| cs.iter().map(move |c| (e.clone(), *c)))
-            .collect()
+        self.channels.iter().flat_map(|(e, cs)| cs.iter().map(move |c| (e.clone(), *c))).collect()
     }
 
     pub fn webhook(&self, event: &str) -> Option<&WebhookRoute> {
         self.webhooks.get(event)
     }
 
-    fn render(
-        &self,
-        event: &str,
-        channel: Channel,
-        field: &str,
-        ctx: &serde_json::Value,
-    ) -> Result<String, String> {
+    fn render(&self, event: &str, channel: Channel, field: &str, ctx: &serde_json::Value) -> Result<String, String> {
         let name = template_name(event, channel, field);
-        let tmpl = self
-            .env
-            .get_template(&name)
-            .map_err(|_| format!("event `{event}` has no {channel} route"))?;
-        tmpl.render(ctx)
-            .map_err(|e| format!("rendering {channel}.{field} of `{event}` failed: {e}"))
+        let tmpl = self.env.get_template(&name).map_err(|_| format!("event `{event}` has no {channel} route"))?;
+        tmpl.render(ctx).map_err(|e| format!("rendering {channel}.{field} of `{event}` failed: {e}"))
     }
 
     fn render_opt(
@@ -259,43 +210,25 @@ impl Routes {
         field: &str,
         ctx: &serde_json::Value,
     ) -> Result<Option<String>, String> {
-        if self
-            .env
-            .get_template(&template_name(event, channel, field))
-            .is_err()
-        {
+        if self.env.get_template(&template_name(event, channel, field)).is_err() {
             return Ok(None);
         }
         self.render(event, channel, field, ctx).map(Some)
     }
 
     /// The e-mail of `event`; `ctx` holds `id`, `event`, `user_target` and `payload`.
-    pub fn render_email(
-        &self,
-        event: &str,
-        ctx: &serde_json::Value,
-    ) -> Result<EmailMessage, String> {
+    pub fn render_email(&self, event: &str, ctx: &serde_json::Value) -> Result<EmailMessage, String> {
         Ok(EmailMessage {
-            to: self
-                .render(event, Channel::Email, "to", ctx)?
-                .trim()
-                .to_string(),
+            to: self.render(event, Channel::Email, "to", ctx)?.trim().to_string(),
             subject: self.render(event, Channel::Email, "subject", ctx)?,
             body: self.render(event, Channel::Email, "body", ctx)?,
             html: self.render_opt(event, Channel::Email, "html", ctx)?,
         })
     }
 
-    pub fn render_in_app(
-        &self,
-        event: &str,
-        ctx: &serde_json::Value,
-    ) -> Result<InAppMessage, String> {
+    pub fn render_in_app(&self, event: &str, ctx: &serde_json::Value) -> Result<InAppMessage, String> {
         Ok(InAppMessage {
-            user: self
-                .render(event, Channel::InApp, "user", ctx)?
-                .trim()
-                .to_string(),
+            user: self.render(event, Channel::InApp, "user", ctx)?.trim().to_string(),
             title: self.render(event, Channel::InApp, "title", ctx)?,
             body: self.render(event, Channel::InApp, "body", ctx)?,
             data: ctx.get("payload").cloned(),
@@ -322,19 +255,13 @@ fn expand_env(raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String,
     let mut rest = raw;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
-        let end = rest[start..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{raw}`"))?
-            + start;
+        let end = rest[start..].find('}').ok_or_else(|| format!("unclosed `${{` in `{raw}`"))? + start;
         let inner = &rest[start + 2..end];
         let (name, default) = match inner.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
             None => (inner, None),
         };
-        match env(name)
-            .filter(|v| !v.is_empty())
-            .or(default.map(str::to_string))
-        {
+        match env(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable {name} is not set")),
         }
@@ -371,46 +298,31 @@ secret = "${HOOK_SECRET}"
     }
 
     fn parse_err(text: &str) -> String {
-        Routes::parse(text, "routes.toml", &env)
-            .unwrap_err()
-            .to_string()
+        Routes::parse(text, "routes.toml", &env).unwrap_err().to_string()
     }
 
     #[test]
     fn good_file_renders_each_channel() {
         let r = Routes::parse(GOOD, "routes.toml", &env).unwrap();
         assert_eq!(r.events(), vec!["order.completed", "password.reset"]);
-        assert_eq!(
-            r.channels("password.reset").unwrap(),
-            &[Channel::Email, Channel::InApp]
-        );
+        assert_eq!(r.channels("password.reset").unwrap(), &[Channel::Email, Channel::InApp]);
         let ctx = json!({"user_target": "u1", "payload": {"email": "a@b.c", "name": "<Ann>", "reset_link": "https://x/r?t=1&u=2"}});
         let mail = r.render_email("password.reset", &ctx).unwrap();
         assert_eq!(mail.to, "a@b.c");
         assert_eq!(mail.body, "Hi <Ann>, go to https://x/r?t=1&u=2");
-        assert!(
-            mail.html.unwrap().contains("&lt;Ann&gt;"),
-            "html is escaped"
-        );
+        assert!(mail.html.unwrap().contains("&lt;Ann&gt;"), "html is escaped");
         assert_eq!(r.render_in_app("password.reset", &ctx).unwrap().user, "u1");
         let hook = r.webhook("order.completed").unwrap();
         assert_eq!(hook.url, "http://127.0.0.1:9/hook");
         assert_eq!(hook.secret.as_deref(), Some("whsec_abc"));
-        assert!(
-            !format!("{hook:?}").contains("whsec_abc"),
-            "secrets stay out of Debug"
-        );
+        assert!(!format!("{hook:?}").contains("whsec_abc"), "secrets stay out of Debug");
     }
 
     #[test]
     fn missing_payload_field_is_a_render_error() {
         let r = Routes::parse(GOOD, "routes.toml", &env).unwrap();
-        let e = r
-            .render_email(
-                "password.reset",
-                &json!({"user_target": "u1", "payload": {"email": "a@b.c"}}),
-            )
-            .unwrap_err();
+        let e =
+            r.render_email("password.reset", &json!({"user_target": "u1", "payload": {"email": "a@b.c"}})).unwrap_err();
         assert!(e.contains("password.reset"), "{e}");
     }
 
@@ -418,20 +330,12 @@ secret = "${HOOK_SECRET}"
     fn bad_files_name_the_event_and_field() {
         let e = parse_err("[events.\"a.b\".sms]\nto = \"x\"");
         assert!(e.contains("a.b") && e.contains("sms"), "{e}");
-        let e = parse_err(
-            "[events.\"a.b\".email]\nto = \"{{ payload.x\"\nsubject = \"s\"\nbody = \"b\"",
-        );
-        assert!(
-            e.contains("a.b") && e.contains("email.to") && e.contains("compile"),
-            "{e}"
-        );
+        let e = parse_err("[events.\"a.b\".email]\nto = \"{{ payload.x\"\nsubject = \"s\"\nbody = \"b\"");
+        assert!(e.contains("a.b") && e.contains("email.to") && e.contains("compile"), "{e}");
         let e = parse_err("[events.\"a.b\".webhook]\nsecret = \"s\"");
         assert!(e.contains("a.b") && e.contains("url"), "{e}");
         let e = parse_err("[events.\"a.b\".webhook]\nurl = \"${NOPE}\"");
-        assert!(
-            e.contains("a.b") && e.contains("webhook.url") && e.contains("NOPE"),
-            "{e}"
-        );
+        assert!(e.contains("a.b") && e.contains("webhook.url") && e.contains("NOPE"), "{e}");
         let e = parse_err("[events.\"a.b\".webhook]\nurl = \"ftp://x\"");
         assert!(e.contains("webhook.url"), "{e}");
         let e = parse_err("[events.\"a.b\".email]\nto = \"x\"\nsubject = \"s\"");
@@ -447,20 +351,10 @@ mod shipped_file {
     fn the_shipped_routes_file_loads_and_renders() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/routes.toml");
         let r = super::Routes::load(path).unwrap();
-        assert_eq!(
-            r.events(),
-            vec!["order.completed", "password.reset", "user.registered"]
-        );
+        assert_eq!(r.events(), vec!["order.completed", "password.reset", "user.registered"]);
         let ctx = serde_json::json!({"id": "1", "event": "user.registered", "user_target": "u1",
             "payload": {"email": "ann@example.com", "name": "Ann", "reset_link": "https://x/r"}});
-        assert_eq!(
-            r.render_email("user.registered", &ctx).unwrap().subject,
-            "Welcome to notify, Ann!"
-        );
-        assert!(r
-            .render_email("password.reset", &ctx)
-            .unwrap()
-            .body
-            .contains("https://x/r"));
+        assert_eq!(r.render_email("user.registered", &ctx).unwrap().subject, "Welcome to notify, Ann!");
+        assert!(r.render_email("password.reset", &ctx).unwrap().body.contains("https://x/r"));
     }
 }

@@ -3,17 +3,10 @@
 use tracing_subscriber::{fmt, EnvFilter};
 
 pub fn init(default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json = std::env::var("LOG_FORMAT")
-        .map(|v| v.eq_ignore_ascii_case("json"))
-        .unwrap_or(false);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let json = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("json")).unwrap_or(false);
     let builder = fmt().with_env_filter(filter).with_target(true);
-    let result = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let result = if json { builder.json().try_init() } else { builder.try_init() };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
 }

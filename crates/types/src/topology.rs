@@ -41,9 +41,7 @@ impl FromStr for QueueType {
         match s.trim().to_ascii_lowercase().as_str() {
             "quorum" => Ok(QueueType::Quorum),
             "classic" => Ok(QueueType::Classic),
-            other => Err(format!(
-                "unknown queue type `{other}` (expected quorum or classic)"
-            )),
+            other => Err(format!("unknown queue type `{other}` (expected quorum or classic)")),
         }
     }
 }
@@ -85,18 +83,8 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn new(
-        prefix: impl Into<String>,
-        queue_type: QueueType,
-        retry_delays: Vec<Duration>,
-    ) -> Self {
-        Topology {
-            prefix: prefix.into(),
-            queue_type,
-            retry_delays,
-            delivery_limit: 5,
-            event_routes: Vec::new(),
-        }
+    pub fn new(prefix: impl Into<String>, queue_type: QueueType, retry_delays: Vec<Duration>) -> Self {
+        Topology { prefix: prefix.into(), queue_type, retry_delays, delivery_limit: 5, event_routes: Vec::new() }
     }
 
     pub fn exchange(&self) -> String {
@@ -114,20 +102,11 @@ impl Topology {
     /// Retry queues are named by their delay, so changing the schedule declares new queues
     /// instead of clashing with the old ones.
     pub fn retry_queue(&self, channel: Channel, delay: Duration) -> String {
-        format!(
-            "{}.{}.retry.{}",
-            self.prefix,
-            channel,
-            humantime::format_duration(delay)
-        )
+        format!("{}.{}.retry.{}", self.prefix, channel, humantime::format_duration(delay))
     }
 
     pub fn retry_queues(&self, channel: Channel) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .retry_delays
-            .iter()
-            .map(|d| self.retry_queue(channel, *d))
-            .collect();
+        let mut names: Vec<String> = self.retry_delays.iter().map(|d| self.retry_queue(channel, *d)).collect();
         names.dedup();
         names
     }
@@ -151,24 +130,15 @@ impl Topology {
 
     /// The delay before attempt `next_attempt` (2-based: the first retry is attempt 2).
     pub fn delay_before(&self, next_attempt: u32) -> Duration {
-        let idx = (next_attempt.saturating_sub(2) as usize)
-            .min(self.retry_delays.len().saturating_sub(1));
-        self.retry_delays
-            .get(idx)
-            .copied()
-            .unwrap_or(Duration::from_secs(1))
+        let idx = (next_attempt.saturating_sub(2) as usize).min(self.retry_delays.len().saturating_sub(1));
+        self.retry_delays.get(idx).copied().unwrap_or(Duration::from_secs(1))
     }
 
     /// The tier whose delay is at least `min` (for `Retry-After`); the longest tier otherwise.
     pub fn delay_at_least(&self, min: Duration) -> Duration {
         let mut sorted = self.retry_delays.clone();
         sorted.sort();
-        sorted
-            .iter()
-            .copied()
-            .find(|d| *d >= min)
-            .or(sorted.last().copied())
-            .unwrap_or(min)
+        sorted.iter().copied().find(|d| *d >= min).or(sorted.last().copied()).unwrap_or(min)
     }
 
     fn base_args(&self) -> FieldTable {
@@ -194,20 +164,14 @@ impl Topology {
         let mut args = self.base_args();
         self.dead_letter_to(&mut args, &self.dead_queue(channel));
         if self.queue_type == QueueType::Quorum {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(self.delivery_limit as i32),
-            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(self.delivery_limit as i32));
         }
         args
     }
 
     pub fn retry_args(&self, channel: Channel, delay: Duration) -> FieldTable {
         let mut args = self.base_args();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(delay.as_millis() as i64),
-        );
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
         self.dead_letter_to(&mut args, &self.queue(channel));
         args
     }
@@ -220,17 +184,11 @@ impl Topology {
     pub async fn declare(&self, conn: &lapin::Connection) -> Result<(), TopologyError> {
         // A failed declaration closes its channel, so each step gets a fresh one when needed.
         let exchange = self.exchange();
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| broker(&exchange, e))?;
+        let ch = conn.create_channel().await.map_err(|e| broker(&exchange, e))?;
         ch.exchange_declare(
             exchange.as_str().into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
             FieldTable::default(),
         )
         .await
@@ -246,10 +204,7 @@ impl Topology {
             }
             let mut keys = vec![Self::direct_key(channel)];
             keys.extend(
-                self.event_routes
-                    .iter()
-                    .filter(|(_, c)| *c == channel)
-                    .map(|(event, _)| Self::event_key(event)),
+                self.event_routes.iter().filter(|(_, c)| *c == channel).map(|(event, _)| Self::event_key(event)),
             );
             for key in keys {
                 ch.queue_bind(
@@ -284,26 +239,14 @@ async fn declare_queue(
     name: &str,
     args: FieldTable,
 ) -> Result<(), TopologyError> {
-    let result = ch
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await;
+    let result = ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await;
     match result {
         Ok(_) => Ok(()),
         Err(e) => {
             let _ = conn; // the connection stays usable; only this channel is closed
             match e.kind() {
                 lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
-                    Err(TopologyError::Mismatch {
-                        queue: name.to_string(),
-                        detail: amqp.get_message().to_string(),
-                    })
+                    Err(TopologyError::Mismatch { queue: name.to_string(), detail: amqp.get_message().to_string() })
                 }
                 _ => Err(broker(name, e)),
             }
@@ -312,10 +255,7 @@ async fn declare_queue(
 }
 
 fn broker(name: &str, source: lapin::Error) -> TopologyError {
-    TopologyError::Broker {
-        name: name.to_string(),
-        source,
-    }
+    TopologyError::Broker { name: name.to_string(), source }
 }
 
 fn long_str(s: &str) -> AMQPValue {
@@ -335,11 +275,7 @@ mod tests {
         Topology::new(
             "notify",
             QueueType::Quorum,
-            vec![
-                Duration::from_secs(1),
-                Duration::from_secs(30),
-                Duration::from_secs(300),
-            ],
+            vec![Duration::from_secs(1), Duration::from_secs(30), Duration::from_secs(300)],
         )
     }
 
@@ -349,14 +285,8 @@ mod tests {
         assert_eq!(t.exchange(), "notify");
         assert_eq!(t.queue(Channel::Email), "notify.email");
         assert_eq!(t.dead_queue(Channel::InApp), "notify.in_app.dead");
-        assert_eq!(
-            t.retry_queue(Channel::Email, Duration::from_secs(300)),
-            "notify.email.retry.5m"
-        );
-        assert_eq!(
-            t.retry_queue(Channel::Email, Duration::from_millis(50)),
-            "notify.email.retry.50ms"
-        );
+        assert_eq!(t.retry_queue(Channel::Email, Duration::from_secs(300)), "notify.email.retry.5m");
+        assert_eq!(t.retry_queue(Channel::Email, Duration::from_millis(50)), "notify.email.retry.50ms");
     }
 
     #[test]
@@ -366,13 +296,7 @@ mod tests {
         assert_eq!(t.delay_before(3), Duration::from_secs(30));
         assert_eq!(t.delay_before(4), Duration::from_secs(300));
         assert_eq!(t.delay_before(9), Duration::from_secs(300));
-        assert_eq!(
-            t.delay_at_least(Duration::from_secs(10)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            t.delay_at_least(Duration::from_secs(3600)),
-            Duration::from_secs(300)
-        );
+        assert_eq!(t.delay_at_least(Duration::from_secs(10)), Duration::from_secs(30));
+        assert_eq!(t.delay_at_least(Duration::from_secs(3600)), Duration::from_secs(300));
     }
 }

@@ -24,6 +24,15 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Channels this worker consumes.
     pub channels: Vec<Channel>,
+    pub routes_file: String,
+    pub database_url: String,
+    pub database_schema: String,
+    pub webhook_timeout: Duration,
+    /// Webhooks to private, loopback and link-local addresses are refused unless true.
+    pub webhook_allow_private: bool,
+    /// Signing secret of direct webhooks (`POST /api/v1/notifications/webhook`); event webhooks
+    /// use the secret of their route.
+    pub webhook_secret: Option<String>,
 }
 
 impl WorkerConfig {
@@ -65,6 +74,12 @@ impl WorkerConfig {
             jitter,
             shutdown_timeout: cfg::duration(src, "WORKER_SHUTDOWN_TIMEOUT", Duration::from_secs(25))?,
             channels,
+            routes_file: cfg::string(src, "ROUTES_FILE", "config/routes.toml"),
+            database_url: cfg::string(src, "DATABASE_URL", cfg::DEFAULT_DATABASE_URL),
+            database_schema: cfg::string(src, "DATABASE_SCHEMA", "public"),
+            webhook_timeout: cfg::duration(src, "WEBHOOK_TIMEOUT", Duration::from_secs(10))?,
+            webhook_allow_private: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
+            webhook_secret: src.get("WEBHOOK_SECRET"),
         })
     }
 }

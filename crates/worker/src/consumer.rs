@@ -3,7 +3,7 @@
 //! graceful shutdown (stop consuming, finish in-flight deliveries, close).
 
 use crate::{
-    channels::email::EmailSender,
+    channels::{email::EmailSender, webhook::WebhookSender},
     deliver::Deliverer,
     outcome::DeadReason,
     settle::{Settled, Settler},
@@ -16,10 +16,13 @@ use lapin::{
     types::FieldTable,
     Connection,
 };
+use notify_store::Store;
 use notify_types::{
     broker::{self, header_u32},
     config::redact_url,
-    headers, Channel, Envelope, TopologyError,
+    headers,
+    routes::Routes,
+    Channel, Envelope, TopologyError,
 };
 use std::{
     sync::Arc,
@@ -62,7 +65,18 @@ enum SessionEnd {
 impl Worker {
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Worker> {
         let email = EmailSender::new(&config.smtp_url, &config.email_from, config.smtp_timeout, config.smtp_pool_size)?;
-        Ok(Worker { config, deliverer: Arc::new(Deliverer { email }), reports: None })
+        let webhook = WebhookSender::new(config.webhook_timeout, config.webhook_allow_private)?;
+        let routes = Arc::new(Routes::load(&config.routes_file)?);
+        let store = Store::connect_lazy(
+            &config.database_url,
+            &config.database_schema,
+            (config.concurrency as u32).clamp(2, 32),
+        )
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL / DATABASE_SCHEMA: {e}"))?;
+        let mut config = config;
+        config.topology.event_routes = routes.bindings();
+        let deliverer = Deliverer { email, webhook, routes, store, webhook_secret: config.webhook_secret.clone() };
+        Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None })
     }
 
     /// A stream of delivery reports (one per settled delivery).
@@ -75,6 +89,16 @@ impl Worker {
     /// Runs until `shutdown` is cancelled. Reconnects after broker loss; returns an error only
     /// for what reconnecting cannot fix (a topology mismatch).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // The send guard needs the tables: wait for Postgres before taking any message.
+        let mut backoff = Duration::from_millis(200);
+        while let Err(e) = self.deliverer.store.migrate().await {
+            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot prepare the database");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
         let mut backoff = Duration::from_millis(200);
         let url = redact_url(&self.config.rabbitmq_url);
         loop {
@@ -112,7 +136,9 @@ impl Worker {
                     tracing::info!("worker stopped");
                     return Ok(());
                 }
-                Ok(SessionEnd::Lost) => tracing::warn!("lost the RabbitMQ connection; reconnecting"),
+                Ok(SessionEnd::Lost) => {
+                    tracing::warn!("lost the RabbitMQ connection; reconnecting")
+                }
                 Err(e) => tracing::warn!(error = %e, "consuming failed; reconnecting"),
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(320, "reconnecting".into())).await;
@@ -143,7 +169,12 @@ impl Worker {
             let queue = self.config.topology.queue(channel);
             let tag = format!("notify-worker-{}-{}", channel, Uuid::now_v7().simple());
             let consumer = ch
-                .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             let permits = Arc::new(Semaphore::new(self.config.concurrency));
             loops.spawn(consume_loop(channel, consumer, permits, ctx.clone(), tracker.clone(), stop.clone()));
@@ -158,7 +189,11 @@ impl Worker {
         // queue when its channel closes.
         stop.cancel();
         for (ch, tag) in &consumers {
-            let _ = tokio::time::timeout(Duration::from_secs(2), ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await;
         }
         while loops.join_next().await.is_some() {}
         tracker.close();
@@ -167,7 +202,10 @@ impl Worker {
             tracing::info!(in_flight, "waiting for in-flight deliveries");
         }
         if tokio::time::timeout(self.config.shutdown_timeout, tracker.wait()).await.is_err() {
-            tracing::warn!(left = tracker.len(), "in-flight deliveries did not finish in time; they will be redelivered");
+            tracing::warn!(
+                left = tracker.len(),
+                "in-flight deliveries did not finish in time; they will be redelivered"
+            );
         }
         for (ch, _) in &consumers {
             let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "consumer stopped".into())).await;
@@ -219,7 +257,8 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
     let env = match Envelope::from_bytes(&delivery.data) {
         Ok(env) => env,
         Err(error) => {
-            let span = tracing::warn_span!("delivery", %channel, attempt, message_id = ?delivery.properties.message_id());
+            let span =
+                tracing::warn_span!("delivery", %channel, attempt, message_id = ?delivery.properties.message_id());
             let outcome = Outcome::Dead { reason: DeadReason::Unparseable, error };
             let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).instrument(span).await;
             report(ctx, None, channel, attempt, settled);
@@ -236,7 +275,8 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
     );
     async {
         let started = Instant::now();
-        let outcome = ctx.deliverer.deliver(channel, &env).await;
+        let outcome = ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt).await);
+        ctx.deliverer.record(channel, &env, attempt, &outcome).await;
         let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).await;
         tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
         report(ctx, Some(env.id), channel, attempt, settled);

@@ -1,18 +1,33 @@
-//! One delivery attempt: envelope in, [`Outcome`] out. Panics are caught and count as a
-//! failed attempt, so one bad message cannot take the process down.
+//! One delivery attempt: envelope in, [`Outcome`] out. The send guard runs first; panics are
+//! caught and count as a failed attempt, so one bad message cannot take the process down.
 
-use crate::{channels::email::EmailSender, Outcome};
+use crate::{
+    channels::{email::EmailSender, webhook::WebhookSender},
+    outcome::DeadReason,
+    Outcome,
+};
 use futures_util::FutureExt;
-use notify_types::{Channel, EmailMessage, Envelope};
-use std::panic::AssertUnwindSafe;
+use notify_store::{Claim, NewInboxItem, Store, StoreError};
+use notify_types::{routes::Routes, Channel, EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage};
+use std::{panic::AssertUnwindSafe, sync::Arc};
 
 pub struct Deliverer {
     pub email: EmailSender,
+    pub webhook: WebhookSender,
+    pub routes: Arc<Routes>,
+    pub store: Store,
+    pub webhook_secret: Option<String>,
 }
 
 impl Deliverer {
-    pub async fn deliver(&self, channel: Channel, env: &Envelope) -> Outcome {
-        match AssertUnwindSafe(self.deliver_inner(channel, env)).catch_unwind().await {
+    /// Claims (notification, channel) in the send guard, then sends.
+    pub async fn deliver(&self, channel: Channel, env: &Envelope, attempt: u32) -> Outcome {
+        match self.store.claim(env.id, channel.as_str(), env.event.as_deref(), attempt as i32).await {
+            Ok(Claim::Proceed) => {}
+            Ok(Claim::AlreadyDelivered) => return Outcome::AlreadyDelivered,
+            Err(e) => return defer(e),
+        }
+        match AssertUnwindSafe(self.send(channel, env)).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(panic) => {
                 let what = panic
@@ -25,13 +40,119 @@ impl Deliverer {
         }
     }
 
-    async fn deliver_inner(&self, channel: Channel, env: &Envelope) -> Outcome {
-        match channel {
-            Channel::Email => match serde_json::from_value::<EmailMessage>(env.payload.clone()) {
-                Ok(msg) => self.email.send(env, &msg).await,
-                Err(e) => Outcome::dead(format!("e-mail payload is invalid: {e}")),
-            },
-            other => Outcome::dead(format!("channel {other} is not delivered by this worker version")),
+    /// Records the final outcome of an attempt (the status endpoint reads it).
+    pub async fn record(&self, channel: Channel, env: &Envelope, attempt: u32, outcome: &Outcome) {
+        let ch = channel.as_str();
+        let result = match outcome {
+            Outcome::Delivered => self.store.mark_delivered(env.id, ch).await,
+            Outcome::Retry { error, .. } | Outcome::Defer { error } => {
+                self.store.mark_retrying(env.id, ch, error).await
+            }
+            Outcome::Dead { reason, error } => {
+                self.store.mark_dead(env.id, ch, attempt as i32, error, reason.as_str()).await
+            }
+            Outcome::AlreadyDelivered => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not record the delivery state");
         }
+    }
+
+    async fn send(&self, channel: Channel, env: &Envelope) -> Outcome {
+        if let Some(panic) = env.payload.get("__notify_test_panic").and_then(|v| v.as_str()) {
+            // Lets the fault tests prove that a panicking delivery is contained; inert unless
+            // the worker runs with NOTIFY_ALLOW_TEST_PANIC set.
+            if std::env::var_os("NOTIFY_ALLOW_TEST_PANIC").is_some() {
+                panic!("{panic}");
+            }
+        }
+        match (env.kind, channel) {
+            (Kind::Direct, Channel::Email) => match parse::<EmailMessage>(env) {
+                Ok(msg) => self.email.send(env, &msg).await,
+                Err(o) => o,
+            },
+            (Kind::Direct, Channel::Webhook) => match parse::<WebhookMessage>(env) {
+                Ok(msg) => {
+                    let body = serde_json::to_vec(&msg.payload).unwrap_or_default();
+                    self.webhook.send(&env.id.to_string(), &msg.url, self.webhook_secret.as_deref(), &body).await
+                }
+                Err(o) => o,
+            },
+            (Kind::Direct, Channel::InApp) => match parse::<InAppMessage>(env) {
+                Ok(msg) => self.inbox(env, msg).await,
+                Err(o) => o,
+            },
+            (Kind::Event, channel) => self.send_event(channel, env).await,
+        }
+    }
+
+    async fn send_event(&self, channel: Channel, env: &Envelope) -> Outcome {
+        let Some(event) = env.event.as_deref() else {
+            return Outcome::dead("event envelope without an event name");
+        };
+        let ev: EventPayload = match parse(env) {
+            Ok(ev) => ev,
+            Err(o) => return o,
+        };
+        let ctx = serde_json::json!({
+            "id": env.id, "event": event, "user_target": ev.user_target, "payload": ev.payload,
+            "created_at": env.created_at,
+        });
+        let template_error =
+            |e: String| Outcome::Dead { reason: DeadReason::Permanent, error: format!("template error: {e}") };
+        match channel {
+            Channel::Email => match self.routes.render_email(event, &ctx) {
+                Ok(msg) => self.email.send(env, &msg).await,
+                Err(e) => template_error(e),
+            },
+            Channel::InApp => match self.routes.render_in_app(event, &ctx) {
+                Ok(msg) => self.inbox(env, msg).await,
+                Err(e) => template_error(e),
+            },
+            Channel::Webhook => {
+                let Some(route) = self.routes.webhook(event) else {
+                    return Outcome::dead(format!("event `{event}` has no webhook route in this worker's routes file"));
+                };
+                // The Standard Webhooks payload shape: type, timestamp, data.
+                let body = serde_json::json!({
+                    "type": event,
+                    "timestamp": env.created_at,
+                    "data": {"id": env.id, "user_target": ev.user_target, "payload": ev.payload},
+                });
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                self.webhook.send(&env.id.to_string(), &route.url, route.secret.as_deref(), &body).await
+            }
+        }
+    }
+
+    async fn inbox(&self, env: &Envelope, msg: InAppMessage) -> Outcome {
+        if msg.user.trim().is_empty() {
+            return Outcome::dead("in-app notification without a user");
+        }
+        let item = NewInboxItem {
+            notification_id: env.id,
+            user: msg.user,
+            title: msg.title,
+            body: msg.body,
+            data: msg.data,
+            event: env.event.clone(),
+        };
+        // Inserting the item and marking the delivery happen in one transaction: a
+        // redelivery can never add a second item.
+        match self.store.insert_inbox_item(&item).await {
+            Ok(_) => Outcome::Delivered,
+            Err(e) => defer(e),
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, Outcome> {
+    serde_json::from_value(env.payload.clone()).map_err(|e| Outcome::dead(format!("payload is invalid: {e}")))
+}
+
+fn defer(e: StoreError) -> Outcome {
+    match e {
+        StoreError::Unavailable(_) => Outcome::Defer { error: e.to_string() },
+        other => Outcome::retry(other.to_string()),
     }
 }

@@ -7,9 +7,22 @@ pub enum Outcome {
     Delivered,
     /// Worth trying again later (SMTP 4xx, connection trouble, timeouts). `after` is the
     /// receiver's wish (Retry-After); the next delay tier is used otherwise.
-    Retry { error: String, after: Option<Duration> },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
     /// Will never succeed (SMTP 5xx, bad recipient, bad payload).
-    Dead { reason: DeadReason, error: String },
+    Dead {
+        reason: DeadReason,
+        error: String,
+    },
+    /// Our own infrastructure failed (the database): try again later without counting an
+    /// attempt, so an outage never dead-letters messages early.
+    Defer {
+        error: String,
+    },
+    /// The send guard found this (notification, channel) already delivered: ack, send nothing.
+    AlreadyDelivered,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

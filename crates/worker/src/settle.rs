@@ -20,8 +20,19 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
     Delivered,
-    Retrying { next_attempt: u32, delay: Duration },
-    DeadLettered { reason: DeadReason },
+    Retrying {
+        next_attempt: u32,
+        delay: Duration,
+    },
+    DeadLettered {
+        reason: DeadReason,
+    },
+    /// The send guard had it as delivered: acked without sending.
+    AlreadyDelivered,
+    /// Our infrastructure failed; republished to a delay tier without counting an attempt.
+    Deferred {
+        delay: Duration,
+    },
     /// The outcome could not be made safe (broker trouble): the message goes back to its queue.
     Requeued,
 }
@@ -37,15 +48,29 @@ pub struct Settler {
 const MAX_ERROR_LEN: usize = 512;
 
 impl Settler {
-    pub async fn settle(&self, channel: Channel, delivery: &Delivery, attempt: u32, outcome: Outcome) -> Settled {
-        let result = match outcome {
-            Outcome::Delivered => Ok(Settled::Delivered),
-            Outcome::Retry { error, after } if attempt < self.max_attempts => {
-                self.retry(channel, delivery, attempt, &error, after).await
+    /// The outcome that will be acted on: a retry after the last attempt becomes a dead letter.
+    pub fn decide(&self, attempt: u32, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Retry { error, .. } if attempt >= self.max_attempts => {
+                Outcome::Dead { reason: DeadReason::MaxAttempts, error }
             }
-            Outcome::Retry { error, .. } => {
-                tracing::warn!(%error, attempt, "giving up after the last attempt");
-                self.dead_letter(channel, delivery, attempt, DeadReason::MaxAttempts, &error).await
+            other => other,
+        }
+    }
+
+    pub async fn settle(&self, channel: Channel, delivery: &Delivery, attempt: u32, outcome: Outcome) -> Settled {
+        let result = match self.decide(attempt, outcome) {
+            Outcome::Delivered => Ok(Settled::Delivered),
+            Outcome::AlreadyDelivered => {
+                tracing::info!("already delivered (redelivery); acking without sending");
+                Ok(Settled::AlreadyDelivered)
+            }
+            Outcome::Retry { error, after } => self.retry(channel, delivery, attempt, attempt + 1, &error, after).await,
+            Outcome::Defer { error } => {
+                self.retry(channel, delivery, attempt, attempt, &error, None).await.map(|s| match s {
+                    Settled::Retrying { delay, .. } => Settled::Deferred { delay },
+                    other => other,
+                })
             }
             Outcome::Dead { reason, error } => {
                 tracing::warn!(%error, reason = reason.as_str(), "dead-lettering");
@@ -67,18 +92,20 @@ impl Settler {
         }
     }
 
+    /// Republishes to a delay tier; `next_attempt` is the attempt number it will carry (the
+    /// same number for a deferral).
     async fn retry(
         &self,
         channel: Channel,
         delivery: &Delivery,
         attempt: u32,
+        next_attempt: u32,
         error: &str,
         after: Option<Duration>,
     ) -> Result<Settled, PublishError> {
-        let next_attempt = attempt + 1;
         let tier = match after {
             Some(min) => self.topology.delay_at_least(min),
-            None => self.topology.delay_before(next_attempt),
+            None => self.topology.delay_before(attempt + 1),
         };
         // The tier's TTL is the upper bound; jitter only shortens, and never below Retry-After.
         let shortest = after.unwrap_or_default().max(tier.mul_f64(1.0 - self.jitter)).min(tier);
@@ -124,7 +151,9 @@ impl Settler {
 pub async fn ack(delivery: &Delivery) {
     match delivery.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
-        Ok(false) => tracing::warn!("ack not sent (channel closed); the message will be redelivered"),
+        Ok(false) => {
+            tracing::warn!("ack not sent (channel closed); the message will be redelivered")
+        }
         Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
     }
 }

@@ -22,14 +22,24 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
     ch.confirm_select(Default::default()).await.unwrap();
     let mut ids = HashSet::new();
     for i in 0..10 {
-        let msg = EmailMessage { to: format!("u{i}@example.com"), subject: format!("s{i}"), body: "b".into(), html: None };
+        let msg =
+            EmailMessage { to: format!("u{i}@example.com"), subject: format!("s{i}"), body: "b".into(), html: None };
         let env = Envelope::direct(Channel::Email, format!("req-{i}"), serde_json::to_value(&msg).unwrap());
         ids.insert(env.id.to_string());
-        broker::publish_confirmed(&ch, &topology.exchange(), &Topology::direct_key(Channel::Email), &env.to_bytes(), broker::envelope_properties(&env, 1), Duration::from_secs(5))
-            .await
-            .unwrap();
+        broker::publish_confirmed(
+            &ch,
+            &topology.exchange(),
+            &Topology::direct_key(Channel::Email),
+            &env.to_bytes(),
+            broker::envelope_properties(&env, 1),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
     }
 
+    let db_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
+    let schema = prefix.replace('-', "_");
     let child = Command::new(env!("CARGO_BIN_EXE_notify-worker"))
         .env("RABBITMQ_URL", rabbit::rabbitmq_url())
         .env("NOTIFY_PREFIX", &prefix)
@@ -39,7 +49,10 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
         .env("WORKER_PREFETCH", "10")
         .env("WORKER_CHANNELS", "email")
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .env("DATABASE_URL", &db_url)
+        .env("DATABASE_SCHEMA", &schema)
+        .env("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/routes.toml"))
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("worker binary runs");
@@ -56,7 +69,7 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
     assert!(status.success());
     let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
     let took = sent.elapsed();
-    let logs = String::from_utf8_lossy(&exit.stderr);
+    let logs = format!("{}{}", String::from_utf8_lossy(&exit.stdout), String::from_utf8_lossy(&exit.stderr));
     assert!(exit.status.success(), "clean exit, got {:?}\n{logs}", exit.status);
     assert!(took < Duration::from_secs(30), "exited in {took:?}");
 
@@ -75,4 +88,5 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
     assert_eq!(mailed.union(&queued).cloned().collect::<HashSet<_>>(), ids, "nothing lost");
     assert!(logs.contains("worker stopped"), "{logs}");
     rabbit::delete_topology(&conn, &topology).await;
+    notify_store::Store::connect_lazy(&db_url, &schema, 1).unwrap().drop_schema().await.unwrap();
 }

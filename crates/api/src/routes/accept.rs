@@ -56,24 +56,18 @@ pub async fn accept(
                 ))
             }
             Begin::Pending => {
-                if let Some(Begin::Replay { status, body }) =
-                    store.idempotency_wait(&key, PENDING_WAIT).await?
-                {
+                if let Some(Begin::Replay { status, body }) = store.idempotency_wait(&key, PENDING_WAIT).await? {
                     return Ok(replay(status, body));
                 }
                 // The first request gave up (its key was released): try to become the owner.
             }
         }
     }
-    Err(ApiError::Conflict(
-        "a request with this Idempotency-Key is still in progress; retry later".into(),
-    ))
+    Err(ApiError::Conflict("a request with this Idempotency-Key is still in progress; retry later".into()))
 }
 
 fn accepted(env: &Envelope, body: serde_json::Value) -> HttpResponse {
-    HttpResponse::Accepted()
-        .insert_header(("X-Request-Id", env.correlation_id.clone()))
-        .json(body)
+    HttpResponse::Accepted().insert_header(("X-Request-Id", env.correlation_id.clone())).json(body)
 }
 
 fn replay(status: u16, body: serde_json::Value) -> HttpResponse {
@@ -87,13 +81,8 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         return Ok(None);
     };
     match raw.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
-            Ok(Some(k.to_string()))
-        }
-        _ => Err(ApiError::field(
-            "Idempotency-Key",
-            "must be 1 to 255 visible ASCII characters",
-        )),
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k.to_string())),
+        _ => Err(ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters")),
     }
 }
 
@@ -117,14 +106,8 @@ pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Res
         Err(e) => {
             tracing::warn!(id = %env.id, error = %e, "not accepted: broker unavailable");
             Err(ApiError::Unavailable {
-                message: format!(
-                    "the message broker is unavailable ({e}); nothing was accepted, retry later"
-                ),
-                retry_after: Duration::from_secs(if matches!(e, PublishError::Blocked) {
-                    10
-                } else {
-                    5
-                }),
+                message: format!("the message broker is unavailable ({e}); nothing was accepted, retry later"),
+                retry_after: Duration::from_secs(if matches!(e, PublishError::Blocked) { 10 } else { 5 }),
             })
         }
     }

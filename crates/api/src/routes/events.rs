@@ -17,10 +17,7 @@ use validator::Validate;
 #[derive(Debug, Deserialize, Validate)]
 #[serde(deny_unknown_fields)]
 pub struct EventRequest {
-    #[validate(
-        required(message = "is required"),
-        length(min = 1, max = 200, message = "must be 1 to 200 characters")
-    )]
+    #[validate(required(message = "is required"), length(min = 1, max = 200, message = "must be 1 to 200 characters"))]
     pub event: Option<String>,
     #[validate(
         required(message = "is required"),
@@ -43,18 +40,12 @@ pub async fn post_event(
     let event = b.event.unwrap_or_default();
     if state.routes.channels(&event).is_none() {
         let known = state.routes.events().join(", ");
-        return Err(ApiError::field(
-            "event",
-            format!("unknown event `{event}`; known events: {known}"),
-        ));
+        return Err(ApiError::field("event", format!("unknown event `{event}`; known events: {known}")));
     }
     let env = Envelope::event(
         &event,
         request_id(&req),
-        &EventPayload {
-            user_target: b.user_target.unwrap_or_default(),
-            payload: b.payload.unwrap_or_default().into(),
-        },
+        &EventPayload { user_target: b.user_target.unwrap_or_default(), payload: b.payload.unwrap_or_default().into() },
     );
     let body = serde_json::json!({
         "status": "success",
@@ -62,15 +53,5 @@ pub async fn post_event(
         "event_id": env.id,
         "received_at": env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
     });
-    accept(
-        &state,
-        &req,
-        &parsed.value,
-        Accept {
-            routing_key: Topology::event_key(&event),
-            env,
-            body,
-        },
-    )
-    .await
+    accept(&state, &req, &parsed.value, Accept { routing_key: Topology::event_key(&event), env, body }).await
 }

@@ -12,12 +12,10 @@ pub async fn health() -> HttpResponse {
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let broker = state.publisher.state();
     let database = match &state.store {
-        Some(store) => {
-            match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
-                Ok(Ok(())) => "connected",
-                _ => "unreachable",
-            }
-        }
+        Some(store) => match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
+            Ok(Ok(())) => "connected",
+            _ => "unreachable",
+        },
         None => "not_configured",
     };
     let ok = broker == BrokerState::Connected && database != "unreachable";
@@ -28,8 +26,6 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if ok {
         HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "5"))
-            .json(body)
+        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "5")).json(body)
     }
 }

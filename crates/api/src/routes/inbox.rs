@@ -22,17 +22,15 @@ pub async fn list(
     query: Result<web::Query<ListQuery>, actix_web::Error>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let q = query
-        .map_err(|e| ApiError::field("query", format!("invalid query: {e}")))?
-        .into_inner();
+    let q = query.map_err(|e| ApiError::field("query", format!("invalid query: {e}")))?.into_inner();
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 100"));
     }
-    let page = state
-        .store()?
-        .list_inbox(&user, q.unread.unwrap_or(false), q.cursor.as_deref(), limit)
-        .await?;
+    if q.cursor.as_deref().is_some_and(|c| !notify_store::is_valid_cursor(c)) {
+        return Err(ApiError::field("cursor", "is not a cursor from a previous page"));
+    }
+    let page = state.store()?.list_inbox(&user, q.unread.unwrap_or(false), q.cursor.as_deref(), limit).await?;
     Ok(HttpResponse::Ok().json(page))
 }
 
@@ -49,10 +47,7 @@ pub async fn mark_read(
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "read": true})))
 }
 
-pub async fn mark_all_read(
-    user: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn mark_all_read(user: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let updated = state.store()?.mark_all_read(&user).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"updated": updated, "unread_count": 0})))
 }

@@ -32,45 +32,19 @@ impl AppState {
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let resource = |path: &str, route: actix_web::Route| {
-        web::resource(path)
-            .route(route)
-            .default_service(web::to(method_not_allowed))
+        web::resource(path).route(route).default_service(web::to(method_not_allowed))
     };
-    cfg.service(resource(
-        "/api/v1/notifications/email",
-        web::post().to(notifications::send_email),
-    ))
-    .service(resource(
-        "/api/v1/notifications/webhook",
-        web::post().to(notifications::send_webhook),
-    ))
-    .service(resource(
-        "/api/v1/notifications/in-app",
-        web::post().to(notifications::send_in_app),
-    ))
-    .service(resource(
-        "/api/v1/notifications/{id}",
-        web::get().to(notifications::status),
-    ))
-    .service(resource(
-        "/api/v1/events",
-        web::post().to(events::post_event),
-    ))
-    .service(resource("/events", web::post().to(events::post_event)))
-    .service(resource(
-        "/api/v1/users/{user}/notifications",
-        web::get().to(inbox::list),
-    ))
-    .service(resource(
-        "/api/v1/users/{user}/notifications/read-all",
-        web::post().to(inbox::mark_all_read),
-    ))
-    .service(resource(
-        "/api/v1/users/{user}/notifications/{id}/read",
-        web::post().to(inbox::mark_read),
-    ))
-    .service(resource("/health", web::get().to(health::health)))
-    .service(resource("/ready", web::get().to(health::ready)));
+    cfg.service(resource("/api/v1/notifications/email", web::post().to(notifications::send_email)))
+        .service(resource("/api/v1/notifications/webhook", web::post().to(notifications::send_webhook)))
+        .service(resource("/api/v1/notifications/in-app", web::post().to(notifications::send_in_app)))
+        .service(resource("/api/v1/notifications/{id}", web::get().to(notifications::status)))
+        .service(resource("/api/v1/events", web::post().to(events::post_event)))
+        .service(resource("/events", web::post().to(events::post_event)))
+        .service(resource("/api/v1/users/{user}/notifications", web::get().to(inbox::list)))
+        .service(resource("/api/v1/users/{user}/notifications/read-all", web::post().to(inbox::mark_all_read)))
+        .service(resource("/api/v1/users/{user}/notifications/{id}/read", web::post().to(inbox::mark_read)))
+        .service(resource("/health", web::get().to(health::health)))
+        .service(resource("/ready", web::get().to(health::ready)));
 }
 
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {

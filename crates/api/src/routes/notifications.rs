@@ -41,8 +41,7 @@ pub struct EmailRequest {
 
 pub(super) fn single_line(value: &str) -> Result<(), ValidationError> {
     if value.contains(['\r', '\n']) {
-        return Err(ValidationError::new("line_break")
-            .with_message("must not contain line breaks (CR or LF)".into()));
+        return Err(ValidationError::new("line_break").with_message("must not contain line breaks (CR or LF)".into()));
     }
     Ok(())
 }
@@ -67,14 +66,7 @@ pub async fn send_email(
         body: body.body.unwrap_or_default(),
         html: body.html,
     };
-    direct(
-        &state,
-        &req,
-        &parsed.value,
-        Channel::Email,
-        serde_json::to_value(&message),
-    )
-    .await
+    direct(&state, &req, &parsed.value, Channel::Email, serde_json::to_value(&message)).await
 }
 
 /// `POST /api/v1/notifications/webhook`: `payload` is POSTed to `url`, signed.
@@ -97,20 +89,9 @@ pub async fn send_webhook(
 ) -> Result<HttpResponse, ApiError> {
     let parsed: Parsed<WebhookRequest> = json_body(&req, payload, state.max_body_bytes).await?;
     let url = parsed.body.url.unwrap_or_default();
-    notify_types::net::check_url_syntax(&url, state.allow_private_webhooks)
-        .map_err(|m| ApiError::field("url", m))?;
-    let message = WebhookMessage {
-        url,
-        payload: parsed.body.payload.unwrap_or_default(),
-    };
-    direct(
-        &state,
-        &req,
-        &parsed.value,
-        Channel::Webhook,
-        serde_json::to_value(&message),
-    )
-    .await
+    notify_types::net::check_url_syntax(&url, state.allow_private_webhooks).map_err(|m| ApiError::field("url", m))?;
+    let message = WebhookMessage { url, payload: parsed.body.payload.unwrap_or_default() };
+    direct(&state, &req, &parsed.value, Channel::Webhook, serde_json::to_value(&message)).await
 }
 
 /// `POST /api/v1/notifications/in-app`: an item in `user`'s inbox.
@@ -152,14 +133,7 @@ pub async fn send_in_app(
         body: b.body.unwrap_or_default(),
         data: b.data.filter(|d| !d.is_null()),
     };
-    direct(
-        &state,
-        &req,
-        &parsed.value,
-        Channel::InApp,
-        serde_json::to_value(&message),
-    )
-    .await
+    direct(&state, &req, &parsed.value, Channel::InApp, serde_json::to_value(&message)).await
 }
 
 async fn direct(
@@ -176,27 +150,13 @@ async fn direct(
         "id": env.id,
         "received_at": env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
     });
-    accept(
-        state,
-        req,
-        request,
-        Accept {
-            env,
-            routing_key: Topology::direct_key(channel),
-            body,
-        },
-    )
-    .await
+    accept(state, req, request, Accept { env, routing_key: Topology::direct_key(channel), body }).await
 }
 
 /// `GET /api/v1/notifications/{id}`: delivery state per channel.
-pub async fn status(
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
-    let id = Uuid::parse_str(&raw)
-        .map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
+    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
     let channels = state.store()?.delivery_status(id).await?;
     if channels.is_empty() {
         return Err(ApiError::NotFound(format!(
