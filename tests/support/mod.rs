@@ -135,11 +135,41 @@ pub struct Harness {
     pub amqp: lapin::Connection,
 }
 
+pub const WEBHOOK_SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLW9yZGVyLXdlYmhvb2tz";
+
+/// The shipped routes file with `order.completed` aimed at `webhook_url`, written to a
+/// file of the test's own.
+pub fn routes_file(prefix: &str, webhook_url: &str) -> String {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/routes.toml")).unwrap();
+    let text = shipped
+        .lines()
+        .map(|l| {
+            if l.starts_with("url = ") {
+                format!("url = \"{webhook_url}\"")
+            } else if l.starts_with("secret = ") {
+                format!("secret = \"{WEBHOOK_SECRET}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = std::env::temp_dir().join(format!("{prefix}-routes.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
 impl Harness {
     pub async fn start(test: &str) -> Harness {
+        Self::start_with(test, |_| {}).await
+    }
+
+    /// Starts with settings adjusted by `adjust` (before the API starts).
+    pub async fn start_with(test: &str, adjust: impl FnOnce(&mut HashMap<String, String>)) -> Harness {
         let prefix = rabbit::unique_prefix(test);
         let smtp = SmtpServer::start().await;
-        let settings = settings(&prefix, &rabbit::rabbitmq_url(), &smtp.url());
+        let mut settings = settings(&prefix, &rabbit::rabbitmq_url(), &smtp.url());
+        adjust(&mut settings);
         let api = TestApi::start(&settings).await.expect("API starts");
         let topology = notify_types::config::topology(&settings).unwrap();
         assert_eq!(topology.queue_type, QueueType::Quorum);

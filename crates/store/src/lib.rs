@@ -169,6 +169,9 @@ pub struct NewInboxItem {
     pub body: String,
     pub data: Option<serde_json::Value>,
     pub event: Option<String>,
+    /// When the notification was accepted: the inbox is ordered by it, so concurrent workers
+    /// delivering out of order do not shuffle a user's inbox.
+    pub created_at: DateTime<Utc>,
 }
 
 /// One in-app inbox item.
@@ -498,8 +501,8 @@ impl Store {
     pub async fn insert_inbox_item(&self, item: &NewInboxItem) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let inserted = sqlx::query(
-            "INSERT INTO inbox_items (id, notification_id, user_id, title, body, data, event)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO inbox_items (id, notification_id, user_id, title, body, data, event, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (notification_id, user_id) DO NOTHING",
         )
         .bind(Uuid::now_v7())
@@ -509,6 +512,7 @@ impl Store {
         .bind(&item.body)
         .bind(&item.data)
         .bind(&item.event)
+        .bind(item.created_at)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?

@@ -60,6 +60,7 @@ fn inbox_item(user: &str, n: usize) -> NewInboxItem {
         body: format!("body {n}"),
         data: Some(json!({ "n": n })),
         event: Some("test.event".to_string()),
+        created_at: chrono::Utc::now(),
     }
 }
 

@@ -38,18 +38,14 @@ mod tests {
     #[tokio::test]
     async fn returns_the_first_success() {
         let mut calls = 0;
-        let result: Result<u32, Option<u32>> = poll(
-            Duration::from_secs(5),
-            Duration::from_millis(1),
-            async || {
-                calls += 1;
-                if calls == 3 {
-                    Ok(calls)
-                } else {
-                    Err(calls)
-                }
-            },
-        )
+        let result: Result<u32, Option<u32>> = poll(Duration::from_secs(5), Duration::from_millis(1), async || {
+            calls += 1;
+            if calls == 3 {
+                Ok(calls)
+            } else {
+                Err(calls)
+            }
+        })
         .await;
         assert_eq!(result, Ok(3));
     }
@@ -58,22 +54,15 @@ mod tests {
     async fn gives_up_at_the_deadline_with_the_last_observation() {
         let started = Instant::now();
         let mut calls = 0u32;
-        let result: Result<(), Option<u32>> = poll(
-            Duration::from_millis(50),
-            Duration::from_millis(10),
-            async || {
-                calls += 1;
-                Err(calls)
-            },
-        )
+        let result: Result<(), Option<u32>> = poll(Duration::from_millis(50), Duration::from_millis(10), async || {
+            calls += 1;
+            Err(calls)
+        })
         .await;
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_millis(50), "{elapsed:?}");
         assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
         assert_eq!(result, Err(Some(calls)));
-        assert!(
-            calls <= 7,
-            "at most timeout/interval + 1 rounds, got {calls}"
-        );
+        assert!(calls <= 7, "at most timeout/interval + 1 rounds, got {calls}");
     }
 }

@@ -123,14 +123,8 @@ impl PrivateBroker {
     /// Raises (`true`) or clears (`false`) the node's memory alarm: while it is on, the broker
     /// blocks every publishing connection.
     pub async fn set_memory_alarm(&self, on: bool) -> Result<()> {
-        let watermark = if on {
-            ALARM_WATERMARK
-        } else {
-            NORMAL_WATERMARK
-        };
-        self.ctl(&["set_vm_memory_high_watermark", watermark])
-            .await
-            .map(drop)
+        let watermark = if on { ALARM_WATERMARK } else { NORMAL_WATERMARK };
+        self.ctl(&["set_vm_memory_high_watermark", watermark]).await.map(drop)
     }
 
     fn prepare_dir(&self) -> Result<()> {
@@ -150,10 +144,7 @@ impl PrivateBroker {
                     self.amqp_port
                 ),
             ),
-            (
-                "rabbitmq-env.conf",
-                "# Private test node: everything comes from the environment.\n".to_string(),
-            ),
+            ("rabbitmq-env.conf", "# Private test node: everything comes from the environment.\n".to_string()),
         ];
         for (name, content) in files {
             fs::write(self.dir.join(name), content)
@@ -187,10 +178,7 @@ impl PrivateBroker {
             // Loopback only, like the shared node: epmd (if this node has to start it) and the
             // inter-node port.
             ("ERL_EPMD_ADDRESS", "127.0.0.1".to_string()),
-            (
-                "ERL_FLAGS",
-                "-kernel inet_dist_use_interface {127,0,0,1}".to_string(),
-            ),
+            ("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}".to_string()),
         ]
     }
 
@@ -209,9 +197,7 @@ impl PrivateBroker {
             // Its own process group: Drop can kill the script, the VM and its port programs
             // in one go without knowing their pids, and nothing outside it.
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning rabbitmq-server for {}", self.node))?;
+        let child = cmd.spawn().with_context(|| format!("spawning rabbitmq-server for {}", self.node))?;
         *self.lock_server() = Some(child);
         self.wait_for_amqp().await
     }
@@ -264,10 +250,7 @@ impl PrivateBroker {
             Err(_) => {
                 // Keep it, so that Drop still kills its process group.
                 *self.lock_server() = Some(child);
-                bail!(
-                    "rabbitmq-server of {} still running {STOP_TIMEOUT:?} after its node stopped",
-                    self.node
-                )
+                bail!("rabbitmq-server of {} still running {STOP_TIMEOUT:?} after its node stopped", self.node)
             }
         }
     }
@@ -275,22 +258,14 @@ impl PrivateBroker {
     async fn wait_port_closed(&self) -> Result<()> {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.amqp_port));
         let closed =
-            poll(
-                STOP_TIMEOUT,
-                PORT_POLL_INTERVAL,
-                async || match tokio::net::TcpStream::connect(addr).await {
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                    Ok(_) => Err("still accepting connections".to_string()),
-                },
-            )
+            poll(STOP_TIMEOUT, PORT_POLL_INTERVAL, async || match tokio::net::TcpStream::connect(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                Err(e) => Err(e.to_string()),
+                Ok(_) => Err("still accepting connections".to_string()),
+            })
             .await;
         closed.map_err(|last| {
-            anyhow!(
-                "port {addr} of {} did not close within {STOP_TIMEOUT:?}: {}",
-                self.node,
-                last.unwrap_or_default()
-            )
+            anyhow!("port {addr} of {} did not close within {STOP_TIMEOUT:?}: {}", self.node, last.unwrap_or_default())
         })
     }
 
@@ -300,16 +275,10 @@ impl PrivateBroker {
         let pid_file = self.dir.join("rabbitmq.pid");
         let text = fs::read_to_string(&pid_file)
             .with_context(|| format!("reading {} (is the node running?)", pid_file.display()))?;
-        let pid: i32 = text
-            .trim()
-            .parse()
-            .with_context(|| format!("pid file {} holds `{}`", pid_file.display(), text.trim()))?;
+        let pid: i32 =
+            text.trim().parse().with_context(|| format!("pid file {} holds `{}`", pid_file.display(), text.trim()))?;
         if !pids_of_node(&self.node).contains(&pid) {
-            bail!(
-                "pid {pid} from {} is not a running {}",
-                pid_file.display(),
-                self.node
-            );
+            bail!("pid {pid} from {} is not a running {}", pid_file.display(), self.node);
         }
         Ok(Pid::from_raw(pid))
     }
@@ -337,17 +306,10 @@ impl PrivateBroker {
     /// own variables (`RABBITMQ_URL`, a developer's `RABBITMQ_NODENAME`…) must not leak in.
     fn rabbitmq_command(&self, script: &str) -> Command {
         let debian = Path::new(DEBIAN_SCRIPTS).join(script);
-        let program = if debian.exists() {
-            debian
-        } else {
-            PathBuf::from(script)
-        };
+        let program = if debian.exists() { debian } else { PathBuf::from(script) };
         let mut cmd = Command::new(program);
         cmd.env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-            )
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
             // The CLI (Elixir) warns and may mangle output without a UTF-8 locale.
             .env("LC_ALL", "C.UTF-8")
             .stdin(Stdio::null())
@@ -356,10 +318,7 @@ impl PrivateBroker {
             Some(user) => {
                 // What the Debian wrapper's `su rabbitmq` amounts to: that user's cookie in
                 // $HOME, started from its home directory.
-                cmd.uid(user.uid)
-                    .gid(user.gid)
-                    .env("HOME", &user.home)
-                    .current_dir(&user.home);
+                cmd.uid(user.uid).gid(user.gid).env("HOME", &user.home).current_dir(&user.home);
             }
             None => {
                 if let Some(home) = std::env::var_os("HOME") {
@@ -450,11 +409,7 @@ fn node_user() -> Result<Option<NodeUser>> {
     let user = User::from_name("rabbitmq")
         .context("looking up the rabbitmq user")?
         .context("running as root, but there is no `rabbitmq` user to run the node as")?;
-    Ok(Some(NodeUser {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        home: user.dir,
-    }))
+    Ok(Some(NodeUser { uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir }))
 }
 
 /// Processes whose environment carries `RABBITMQ_NODENAME=<node>`: the node's VM and its
@@ -498,8 +453,6 @@ fn is_running(pid: i32) -> bool {
         return false;
     };
     // `pid (comm) STATE …`; comm may contain spaces and parentheses, the state follows the last `)`.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
     !matches!(state, Some('Z' | 'X') | None)
 }

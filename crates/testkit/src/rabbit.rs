@@ -6,10 +6,7 @@
 
 use crate::poll::poll;
 use lapin::{
-    options::{
-        BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
+    options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
     BasicProperties, Connection,
 };
@@ -40,13 +37,7 @@ pub fn unique_prefix(test: &str) -> String {
     let name: String = test
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
         .take(MAX_TEST_NAME)
         .collect();
     let random = uuid::Uuid::new_v4().simple().to_string();
@@ -74,14 +65,7 @@ pub async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
     // and closes it otherwise: polling must not use up the connection's channel ids.
     let ch = open_channel(conn).await;
     let declared = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
         .await;
     match declared {
         Ok(q) => {
@@ -98,14 +82,10 @@ pub async fn message_count(conn: &Connection, queue: &str) -> Option<u32> {
 /// # Panics
 /// After `timeout`, with the last count seen (or that the queue does not exist).
 pub async fn wait_for_count(conn: &Connection, queue: &str, n: u32, timeout: Duration) {
-    let reached = poll(
-        timeout,
-        COUNT_POLL_INTERVAL,
-        async || match message_count(conn, queue).await {
-            Some(count) if count == n => Ok(()),
-            other => Err(other),
-        },
-    )
+    let reached = poll(timeout, COUNT_POLL_INTERVAL, async || match message_count(conn, queue).await {
+        Some(count) if count == n => Ok(()),
+        other => Err(other),
+    })
     .await;
     if let Err(last) = reached {
         let seen = match last.flatten() {
@@ -123,10 +103,7 @@ pub async fn drain(conn: &Connection, queue: &str, max: usize) -> Vec<(BasicProp
     let ch = open_channel(conn).await;
     let mut taken = Vec::new();
     for _ in 0..max {
-        let message = match ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-        {
+        let message = match ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
             Ok(Some(message)) => message,
             Ok(None) => break,
             Err(e) if is_not_found(&e) => return taken,
@@ -140,10 +117,7 @@ pub async fn drain(conn: &Connection, queue: &str, max: usize) -> Vec<(BasicProp
             .unwrap_or_else(|e| panic!("ack of a message from `{queue}` failed: {e}"));
         // `Ok(false)` means the channel died: the message goes back to the queue, so handing
         // it out as taken would be a lie.
-        assert!(
-            acked,
-            "ack of a message from `{queue}` was not sent (channel closed)"
-        );
+        assert!(acked, "ack of a message from `{queue}` was not sent (channel closed)");
         taken.push((delivery.properties, delivery.data));
     }
     let _ = ch.close(200, "drained".into()).await;
@@ -156,10 +130,7 @@ pub async fn delete_topology(conn: &Connection, topology: &Topology) {
     for channel in Channel::ALL {
         for queue in topology.queues(channel) {
             let ch = open_channel(conn).await;
-            match ch
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-            {
+            match ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
                 Ok(_) => {
                     let _ = ch.close(200, "deleted".into()).await;
                 }
@@ -170,10 +141,7 @@ pub async fn delete_topology(conn: &Connection, topology: &Topology) {
     }
     let exchange = topology.exchange();
     let ch = open_channel(conn).await;
-    match ch
-        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await
-    {
+    match ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await {
         Ok(()) => {
             let _ = ch.close(200, "deleted".into()).await;
         }
@@ -183,9 +151,7 @@ pub async fn delete_topology(conn: &Connection, topology: &Topology) {
 }
 
 async fn open_channel(conn: &Connection) -> lapin::Channel {
-    conn.create_channel()
-        .await
-        .unwrap_or_else(|e| panic!("opening a RabbitMQ channel failed: {e}"))
+    conn.create_channel().await.unwrap_or_else(|e| panic!("opening a RabbitMQ channel failed: {e}"))
 }
 
 fn is_not_found(e: &lapin::Error) -> bool {
@@ -217,17 +183,12 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("t-tests--email-is-retried--"), "{a}");
         assert_eq!(a.len(), "t-tests--email-is-retried--".len() + 8);
-        assert!(a
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c)));
+        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c)));
     }
 
     #[test]
     fn passwords_are_hidden_in_messages() {
-        assert_eq!(
-            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
+        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

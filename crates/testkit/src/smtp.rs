@@ -48,31 +48,18 @@ impl State {
     /// The reply for the transaction that just finished its DATA: the script first, then the
     /// standing order, then acceptance.
     fn next_reply(&mut self) -> Reply {
-        self.script
-            .pop_front()
-            .or_else(|| self.always.clone())
-            .unwrap_or_else(Reply::accepted)
+        self.script.pop_front().or_else(|| self.always.clone()).unwrap_or_else(Reply::accepted)
     }
 }
 
 impl SmtpServer {
     /// Starts a server on 127.0.0.1 with a free port that accepts every mail.
     pub async fn start() -> SmtpServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the test SMTP server to 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("address of the test SMTP server");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the test SMTP server to 127.0.0.1:0");
+        let addr = listener.local_addr().expect("address of the test SMTP server");
         let state = Arc::new(watch::Sender::new(State::default()));
         let accept_task = tokio::spawn(session::accept_loop(listener, state.clone()));
-        SmtpServer {
-            inner: Arc::new(Inner {
-                addr,
-                state,
-                accept_task,
-            }),
-        }
+        SmtpServer { inner: Arc::new(Inner { addr, state, accept_task }) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -89,9 +76,7 @@ impl SmtpServer {
     /// is not in [`SmtpServer::mails`] but counts in [`SmtpServer::attempts`]. Replaces any
     /// script not yet consumed.
     pub fn script(&self, replies: Vec<Reply>) {
-        self.inner
-            .state
-            .send_modify(|s| s.script = replies.into_iter().collect());
+        self.inner.state.send_modify(|s| s.script = replies.into_iter().collect());
     }
 
     /// Every transaction gets `reply` from now on (after any script), until [`SmtpServer::reset`].
@@ -135,12 +120,7 @@ impl SmtpServer {
     /// # Panics
     /// After `timeout`, saying how many mails and attempts arrived.
     pub async fn wait_for_mails(&self, n: usize, timeout: Duration) -> Vec<Mail> {
-        self.wait_until(
-            timeout,
-            |s| s.mails.len() >= n,
-            &format!("{n} accepted mail(s)"),
-        )
-        .await;
+        self.wait_until(timeout, |s| s.mails.len() >= n, &format!("{n} accepted mail(s)")).await;
         self.mails()
     }
 
@@ -149,8 +129,7 @@ impl SmtpServer {
     /// # Panics
     /// After `timeout`, saying how many attempts and mails arrived.
     pub async fn wait_for_attempts(&self, n: usize, timeout: Duration) {
-        self.wait_until(timeout, |s| s.attempts >= n, &format!("{n} attempt(s)"))
-            .await;
+        self.wait_until(timeout, |s| s.attempts >= n, &format!("{n} attempt(s)")).await;
     }
 
     async fn wait_until(&self, timeout: Duration, done: impl FnMut(&State) -> bool, what: &str) {
@@ -181,10 +160,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(code: u16, text: &str) -> Reply {
-        Reply {
-            code,
-            text: text.to_string(),
-        }
+        Reply { code, text: text.to_string() }
     }
 
     /// `451 4.3.0 try again later`: lettre reports it as `is_transient()`.
@@ -244,15 +220,8 @@ pub struct Mail {
 
 impl Mail {
     fn parse(from: String, to: Vec<String>, raw: String) -> Mail {
-        let mut mail = Mail {
-            from,
-            to,
-            raw,
-            subject: String::new(),
-            text_body: String::new(),
-            html_body: None,
-            message_id: None,
-        };
+        let mut mail =
+            Mail { from, to, raw, subject: String::new(), text_body: String::new(), html_body: None, message_id: None };
         // SMTP ends the data with the last line's CRLF even when the sender's message did not
         // end with one (lettre always writes `CRLF . CRLF` after the message). Parsing without
         // it gives back the sender's exact text, whatever the transfer encoding.
@@ -264,10 +233,7 @@ impl Mail {
         mail.message_id = message.message_id().map(|id| format!("<{id}>"));
         // `body_text` converts from HTML when there is no text part; `body_html` converts from
         // text when there is no HTML part, which must not count as an HTML body.
-        mail.text_body = message
-            .body_text(0)
-            .map(|text| text.into_owned())
-            .unwrap_or_default();
+        mail.text_body = message.body_text(0).map(|text| text.into_owned()).unwrap_or_default();
         mail.html_body = message.html_part(0).and_then(|part| match &part.body {
             PartType::Html(html) => Some(html.to_string()),
             _ => None,
@@ -282,23 +248,14 @@ mod tests {
 
     #[test]
     fn replies_are_written_as_single_or_multi_line() {
-        assert_eq!(
-            Reply::transient().to_wire(),
-            "451 4.3.0 try again later\r\n"
-        );
-        assert_eq!(
-            Reply::new(554, "first\nsecond").to_wire(),
-            "554-first\r\n554 second\r\n"
-        );
+        assert_eq!(Reply::transient().to_wire(), "451 4.3.0 try again later\r\n");
+        assert_eq!(Reply::new(554, "first\nsecond").to_wire(), "554-first\r\n554 second\r\n");
         assert_eq!(Reply::new(250, "").to_wire(), "250\r\n");
     }
 
     #[test]
     fn script_comes_before_the_standing_reply_and_then_acceptance() {
-        let mut state = State {
-            script: vec![Reply::transient()].into(),
-            ..State::default()
-        };
+        let mut state = State { script: vec![Reply::transient()].into(), ..State::default() };
         assert_eq!(state.next_reply(), Reply::transient());
         assert!(state.next_reply().accepts());
         state.always = Some(Reply::permanent());
@@ -307,8 +264,7 @@ mod tests {
 
     #[test]
     fn quoted_printable_multipart_is_decoded() {
-        let raw =
-            "From: a@example.com\r\nTo: b@example.com\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\
+        let raw = "From: a@example.com\r\nTo: b@example.com\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\
                    Message-ID: <id-1@example.com>\r\nMIME-Version: 1.0\r\n\
                    Content-Type: multipart/alternative; boundary=\"XX\"\r\n\r\n\
                    --XX\r\nContent-Type: text/plain; charset=utf-8\r\n\

@@ -51,10 +51,7 @@ struct Running {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let running = self
-            .running
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
+        let running = self.running.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(running) = running.take() {
             // The connections live in a JoinSet owned by the accept task, so this ends them too.
             running.task.abort();
@@ -75,10 +72,7 @@ struct State {
 impl State {
     /// The script first, then the standing status, then 200.
     fn next_reply(&mut self) -> (u16, Option<String>) {
-        self.script
-            .pop_front()
-            .or_else(|| self.always.map(|status| (status, None)))
-            .unwrap_or((200, None))
+        self.script.pop_front().or_else(|| self.always.map(|status| (status, None))).unwrap_or((200, None))
     }
 }
 
@@ -101,40 +95,25 @@ impl ReceivedWebhook {
     /// If the body is not JSON, showing it.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "webhook body on {} is not JSON ({e}): {:?}",
-                self.path,
-                String::from_utf8_lossy(&self.body)
-            )
+            panic!("webhook body on {} is not JSON ({e}): {:?}", self.path, String::from_utf8_lossy(&self.body))
         })
     }
 
     /// A header by name, in any case.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
     }
 }
 
 impl WebhookReceiver {
     /// Starts a receiver on 127.0.0.1 with a free port that answers 200 to everything.
     pub async fn start() -> WebhookReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the test webhook receiver to 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("address of the test webhook receiver");
+        let listener =
+            TcpListener::bind("127.0.0.1:0").await.expect("binding the test webhook receiver to 127.0.0.1:0");
+        let addr = listener.local_addr().expect("address of the test webhook receiver");
         let state = Arc::new(watch::Sender::new(State::default()));
         let running = Running::spawn(listener, state.clone());
-        WebhookReceiver {
-            inner: Arc::new(Inner {
-                addr,
-                state,
-                running: Mutex::new(Some(running)),
-            }),
-        }
+        WebhookReceiver { inner: Arc::new(Inner { addr, state, running: Mutex::new(Some(running)) }) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -157,9 +136,7 @@ impl WebhookReceiver {
         for (status, _) in &replies {
             valid_status(*status);
         }
-        self.inner
-            .state
-            .send_modify(|s| s.script = replies.into_iter().collect());
+        self.inner.state.send_modify(|s| s.script = replies.into_iter().collect());
     }
 
     /// Every request gets `status` from now on (after any script), until
@@ -212,10 +189,7 @@ impl WebhookReceiver {
             match TcpListener::bind(self.inner.addr).await {
                 Ok(listener) => break listener,
                 Err(e) if attempts >= 50 => {
-                    panic!(
-                        "test webhook receiver: cannot bind {} again: {e}",
-                        self.inner.addr
-                    )
+                    panic!("test webhook receiver: cannot bind {} again: {e}", self.inner.addr)
                 }
                 Err(_) => attempts += 1,
             }
@@ -238,12 +212,7 @@ impl WebhookReceiver {
     /// The requests answered (or being answered) 2xx, in order.
     pub fn delivered(&self) -> Vec<ReceivedWebhook> {
         let state = self.inner.state.borrow();
-        state
-            .requests
-            .iter()
-            .filter(|r| is_2xx(r.status))
-            .cloned()
-            .collect()
+        state.requests.iter().filter(|r| is_2xx(r.status)).cloned().collect()
     }
 
     /// Waits until at least `n` requests were answered 2xx and returns all of those.
@@ -252,8 +221,7 @@ impl WebhookReceiver {
     /// After `timeout`, saying how many requests arrived and how they were answered.
     pub async fn wait_for_delivered(&self, n: usize, timeout: Duration) -> Vec<ReceivedWebhook> {
         let done = |s: &State| s.requests.iter().filter(|r| is_2xx(r.status)).count() >= n;
-        self.wait_until(timeout, done, &format!("{n} delivered webhook(s)"))
-            .await;
+        self.wait_until(timeout, done, &format!("{n} delivered webhook(s)")).await;
         self.delivered()
     }
 
@@ -263,8 +231,7 @@ impl WebhookReceiver {
     /// After `timeout`, saying how many requests arrived and how they were answered.
     pub async fn wait_for_requests(&self, n: usize, timeout: Duration) {
         let what = format!("{n} webhook request(s)");
-        self.wait_until(timeout, |s| s.requests.len() >= n, &what)
-            .await;
+        self.wait_until(timeout, |s| s.requests.len() >= n, &what).await;
     }
 
     async fn wait_until(&self, timeout: Duration, done: impl FnMut(&State) -> bool, what: &str) {
@@ -286,10 +253,7 @@ impl WebhookReceiver {
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -298,10 +262,7 @@ fn is_2xx(status: u16) -> bool {
 }
 
 fn valid_status(status: u16) {
-    assert!(
-        StatusCode::from_u16(status).is_ok(),
-        "test webhook receiver: {status} is not an HTTP status"
-    );
+    assert!(StatusCode::from_u16(status).is_ok(), "test webhook receiver: {status} is not an HTTP status");
 }
 
 impl Running {
@@ -312,11 +273,7 @@ impl Running {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<watch::Sender<State>>,
-    mut stop: oneshot::Receiver<()>,
-) {
+async fn accept_loop(listener: TcpListener, state: Arc<watch::Sender<State>>, mut stop: oneshot::Receiver<()>) {
     // Owning the connections here means stopping (or aborting) this task ends them.
     let mut connections = JoinSet::new();
     loop {
@@ -341,19 +298,14 @@ async fn accept_loop(
 async fn serve(stream: TcpStream, state: Arc<watch::Sender<State>>) {
     let service = service_fn(move |request| answer(request, state.clone()));
     // A client that hangs up mid-request is normal in these tests.
-    let _ = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
 }
 
 async fn answer(
     request: Request<Incoming>,
     state: Arc<watch::Sender<State>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let path = request.uri().path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let mut headers: HashMap<String, String> = HashMap::new();
     for (name, value) in request.headers() {
         let value = String::from_utf8_lossy(value.as_bytes());
@@ -375,12 +327,7 @@ async fn answer(
     state.send_modify(|s| {
         reply = s.next_reply();
         delay = s.delay;
-        s.requests.push(ReceivedWebhook {
-            path,
-            headers,
-            body,
-            status: reply.0,
-        });
+        s.requests.push(ReceivedWebhook { path, headers, body, status: reply.0 });
     });
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -406,11 +353,9 @@ async fn answer(
 /// after `whsec_`, or the secret's own bytes without that prefix. Does not judge the timestamp's
 /// age.
 pub fn verify_signature(secret: &str, received: &ReceivedWebhook) -> bool {
-    let (Some(id), Some(timestamp), Some(signatures)) = (
-        received.header("webhook-id"),
-        received.header("webhook-timestamp"),
-        received.header("webhook-signature"),
-    ) else {
+    let (Some(id), Some(timestamp), Some(signatures)) =
+        (received.header("webhook-id"), received.header("webhook-timestamp"), received.header("webhook-signature"))
+    else {
         return false;
     };
     let key = match secret.strip_prefix("whsec_") {
@@ -426,13 +371,7 @@ pub fn verify_signature(secret: &str, received: &ReceivedWebhook) -> bool {
         .filter_map(|encoded| BASE64.decode(encoded).ok())
         .any(|signature| {
             let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
-            for part in [
-                id.as_bytes(),
-                b".",
-                timestamp.as_bytes(),
-                b".",
-                &received.body,
-            ] {
+            for part in [id.as_bytes(), b".", timestamp.as_bytes(), b".", &received.body] {
                 mac.update(part);
             }
             mac.verify_slice(&signature).is_ok()
@@ -445,9 +384,8 @@ mod tests {
 
     #[test]
     fn script_comes_before_the_standing_status_and_then_200() {
-        let mut state = State::default();
-        state.script = vec![(503, Some("1".to_string()))].into();
-        state.always = Some(500);
+        let mut state =
+            State { script: vec![(503, Some("1".to_string()))].into(), always: Some(500), ..State::default() };
         assert_eq!(state.next_reply(), (503, Some("1".to_string())));
         assert_eq!(state.next_reply(), (500, None));
         state.always = None;

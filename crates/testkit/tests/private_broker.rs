@@ -42,32 +42,15 @@ async fn private_node_survives_memory_alarm_crash_and_restart() {
     let broker = PrivateBroker::start().await.expect("private node starts");
     t.lap("start");
     assert_ne!(broker.amqp_port(), 5672);
-    assert_eq!(
-        broker.url(),
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.amqp_port())
-    );
+    assert_eq!(broker.url(), format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.amqp_port()));
 
     // Publish with confirms and get the message back.
     let conn = connect_to(&broker.url()).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(
-        QUEUE.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(QUEUE.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
     let confirm = publish_persistent(&ch, b"hello").await.await.unwrap();
     assert!(confirm.is_ack());
     let got = drain(&conn, QUEUE, 10).await;
@@ -88,10 +71,7 @@ async fn private_node_survives_memory_alarm_crash_and_restart() {
     broker.set_memory_alarm(false).await.expect("alarm off");
     // The blocked publish now goes through: once the broker took it, it counts one message.
     let confirm = publish_persistent(&ch, b"after the alarm").await;
-    tokio::time::timeout(Duration::from_secs(10), confirm)
-        .await
-        .expect("confirmed after the alarm cleared")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), confirm).await.expect("confirmed after the alarm cleared").unwrap();
     assert!(!conn.status().blocked());
     assert_eq!(message_count(&conn, QUEUE).await, Some(2));
     t.lap("alarm off + confirms");

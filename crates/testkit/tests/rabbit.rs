@@ -5,9 +5,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
-use notify_testkit::rabbit::{
-    connect, delete_topology, drain, message_count, unique_prefix, wait_for_count,
-};
+use notify_testkit::rabbit::{connect, delete_topology, drain, message_count, unique_prefix, wait_for_count};
 use notify_types::{broker::header_str, Channel, QueueType, Topology};
 use std::time::Duration;
 
@@ -16,26 +14,18 @@ const WAIT: Duration = Duration::from_secs(10);
 #[tokio::test]
 async fn counts_drains_and_deletes_a_topology() {
     let conn = connect().await;
-    let topology = Topology::new(
-        unique_prefix("counts_drains_and_deletes"),
-        QueueType::Quorum,
-        vec![Duration::from_millis(50)],
-    );
+    let topology =
+        Topology::new(unique_prefix("counts_drains_and_deletes"), QueueType::Quorum, vec![Duration::from_millis(50)]);
     let dead = topology.dead_queue(Channel::Email);
     assert_eq!(message_count(&conn, &dead).await, None, "not declared yet");
     topology.declare(&conn).await.expect("declare");
     assert_eq!(message_count(&conn, &dead).await, Some(0));
 
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for i in 0..3 {
         let mut headers = FieldTable::default();
-        headers.insert(
-            "x-reason".into(),
-            AMQPValue::LongString(format!("r{i}").into()),
-        );
+        headers.insert("x-reason".into(), AMQPValue::LongString(format!("r{i}").into()));
         ch.basic_publish(
             "".into(),
             dead.as_str().into(),

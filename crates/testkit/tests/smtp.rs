@@ -10,9 +10,7 @@ use std::{collections::HashSet, time::Duration};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn transport(server: &SmtpServer) -> AsyncSmtpTransport<Tokio1Executor> {
-    AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
-        .port(server.addr().port())
-        .build()
+    AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1").port(server.addr().port()).build()
 }
 
 fn mailbox(addr: &str) -> Mailbox {
@@ -32,10 +30,7 @@ fn plain(subject: &str, body: &str) -> Message {
 #[tokio::test]
 async fn a_plain_mail_arrives_with_envelope_and_decoded_body() {
     let server = SmtpServer::start().await;
-    assert_eq!(
-        server.url(),
-        format!("smtp://127.0.0.1:{}", server.addr().port())
-    );
+    assert_eq!(server.url(), format!("smtp://127.0.0.1:{}", server.addr().port()));
     // Non-ASCII makes lettre pick quoted-printable or base64; leading dots test unstuffing.
     let body = "Hallo Zoë,\r\n.a line with a leading dot\r\n..and two\r\nbis bald";
     let message = Message::builder()
@@ -68,17 +63,10 @@ async fn a_base64_body_is_decoded() {
     // Mostly non-ASCII: lettre encodes it as base64.
     let body = "ご注文の商品を発送しました。\r\nありがとうございます。";
 
-    transport(&server)
-        .send(plain("shipped", body))
-        .await
-        .expect("accepted");
+    transport(&server).send(plain("shipped", body)).await.expect("accepted");
 
     let mail = server.wait_for_mails(1, WAIT).await.remove(0);
-    assert!(
-        mail.raw.contains("Content-Transfer-Encoding: base64"),
-        "{}",
-        mail.raw
-    );
+    assert!(mail.raw.contains("Content-Transfer-Encoding: base64"), "{}", mail.raw);
     assert_eq!(mail.text_body, body);
 }
 
@@ -107,10 +95,7 @@ async fn a_multipart_mail_has_text_and_html_bodies() {
         .to(mailbox("user@example.com"))
         .subject("Your code")
         .message_id(Some("<code-1@notify.test>".into()))
-        .multipart(MultiPart::alternative_plain_html(
-            text.to_string(),
-            html.to_string(),
-        ))
+        .multipart(MultiPart::alternative_plain_html(text.to_string(), html.to_string()))
         .unwrap();
 
     transport(&server).send(message).await.expect("accepted");
@@ -129,15 +114,10 @@ async fn scripted_transient_replies_refuse_then_the_server_accepts_again() {
     let smtp = transport(&server);
 
     for attempt in 1..=2 {
-        let err = smtp
-            .send(plain("retry me", "body"))
-            .await
-            .expect_err("scripted refusal");
+        let err = smtp.send(plain("retry me", "body")).await.expect_err("scripted refusal");
         assert!(err.is_transient(), "attempt {attempt}: {err:?}");
     }
-    smtp.send(plain("retry me", "body"))
-        .await
-        .expect("accepted after the script");
+    smtp.send(plain("retry me", "body")).await.expect("accepted after the script");
 
     assert_eq!(server.wait_for_mails(1, WAIT).await.len(), 1);
     assert_eq!(server.attempts(), 3, "refused mails count as attempts");
@@ -158,9 +138,7 @@ async fn a_standing_permanent_reply_refuses_until_reset() {
     server.wait_for_attempts(2, WAIT).await;
 
     server.reset();
-    smtp.send(plain("after reset", "body"))
-        .await
-        .expect("accepted");
+    smtp.send(plain("after reset", "body")).await.expect("accepted");
     assert_eq!(server.mails()[0].subject, "after reset");
 }
 

@@ -13,20 +13,13 @@ const PAYLOAD: &str = r#"{"test": 2432232314}"#;
 const SIGNATURE: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 #[tokio::test]
 async fn answers_200_by_default_and_records_the_request() {
     let receiver = WebhookReceiver::start().await;
-    assert_eq!(
-        receiver.url("/hooks/a?x=1"),
-        format!("http://127.0.0.1:{}/hooks/a?x=1", receiver.addr().port())
-    );
+    assert_eq!(receiver.url("/hooks/a?x=1"), format!("http://127.0.0.1:{}/hooks/a?x=1", receiver.addr().port()));
 
     let response = client()
         .post(receiver.url("/hooks/a?x=1"))
@@ -100,11 +93,7 @@ async fn go_down_refuses_connections_and_come_back_serves_on_the_same_port() {
     assert_eq!(client.post(&url).send().await.unwrap().status(), 200);
 
     receiver.go_down().await;
-    let error = client
-        .post(&url)
-        .send()
-        .await
-        .expect_err("receiver is down");
+    let error = client.post(&url).send().await.expect_err("receiver is down");
     assert!(error.is_connect(), "{error:?}");
     receiver.go_down().await; // idempotent
 
@@ -141,22 +130,14 @@ async fn verify_signature_accepts_the_reference_vector_and_nothing_else() {
     };
     send(SIGNATURE, PAYLOAD).await.unwrap();
     // Several signatures, space-separated (key rotation): one matching is enough.
-    send(
-        "v1,AAAA v1a,xyz v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
-        PAYLOAD,
-    )
-    .await
-    .unwrap();
+    send("v1,AAAA v1a,xyz v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=", PAYLOAD).await.unwrap();
     send(SIGNATURE, r#"{"test": 2432232315}"#).await.unwrap();
 
     let requests = receiver.wait_for_delivered(3, WAIT).await;
     assert!(verify_signature(SECRET, &requests[0]));
     assert!(verify_signature(SECRET, &requests[1]));
     assert!(!verify_signature(SECRET, &requests[2]), "tampered body");
-    assert!(!verify_signature(
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSx",
-        &requests[0]
-    ));
+    assert!(!verify_signature("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSx", &requests[0]));
     assert!(!verify_signature("not-base64-after-prefix", &requests[0]));
 
     let mut unsigned = requests[0].clone();
@@ -172,7 +153,5 @@ async fn waiting_panics_saying_what_arrived() {
     let receiver = WebhookReceiver::start().await;
     receiver.always(500);
     let _ = client().post(receiver.url("/")).send().await.unwrap();
-    receiver
-        .wait_for_delivered(1, Duration::from_millis(200))
-        .await;
+    receiver.wait_for_delivered(1, Duration::from_millis(200)).await;
 }

@@ -136,6 +136,7 @@ impl Deliverer {
             body: msg.body,
             data: msg.data,
             event: env.event.clone(),
+            created_at: env.created_at,
         };
         // Inserting the item and marking the delivery happen in one transaction: a
         // redelivery can never add a second item.

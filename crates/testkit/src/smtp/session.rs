@@ -46,13 +46,7 @@ pub(super) async fn accept_loop(listener: TcpListener, state: Arc<watch::Sender<
 
 async fn serve(stream: TcpStream, state: Arc<watch::Sender<State>>) {
     let (read, write) = stream.into_split();
-    let mut session = Session {
-        reader: BufReader::new(read),
-        writer: write,
-        state,
-        greeted: false,
-        transaction: None,
-    };
+    let mut session = Session { reader: BufReader::new(read), writer: write, state, greeted: false, transaction: None };
     // An I/O error or timeout only ends this client's conversation; the test sees the outcome
     // on the client side.
     let _ = session.run().await;
@@ -123,10 +117,7 @@ impl Session {
                 } else if self.transaction.is_some() {
                     "503 5.5.1 nested MAIL command"
                 } else if let Some(from) = path_after(arg, "FROM:") {
-                    self.transaction = Some(Transaction {
-                        from,
-                        to: Vec::new(),
-                    });
+                    self.transaction = Some(Transaction { from, to: Vec::new() });
                     "250 2.1.0 OK"
                 } else {
                     "501 5.5.4 syntax: MAIL FROM:<address>"
@@ -276,10 +267,7 @@ mod tests {
 
     #[test]
     fn paths_are_taken_from_mail_and_rcpt_arguments() {
-        assert_eq!(
-            path_after("FROM:<a@b.c> BODY=8BITMIME SMTPUTF8", "FROM:"),
-            Some("a@b.c".into())
-        );
+        assert_eq!(path_after("FROM:<a@b.c> BODY=8BITMIME SMTPUTF8", "FROM:"), Some("a@b.c".into()));
         assert_eq!(path_after("from: <a@b.c>", "FROM:"), Some("a@b.c".into()));
         assert_eq!(path_after("FROM:<>", "FROM:"), Some(String::new()));
         assert_eq!(path_after("TO:x@y", "TO:"), Some("x@y".into()));
