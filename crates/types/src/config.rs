@@ -126,6 +126,21 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// The topology settings both binaries share: `NOTIFY_PREFIX`, `QUEUE_TYPE`, `RETRY_SCHEDULE`,
+/// `DELIVERY_LIMIT`.
+pub fn topology(src: &dyn Source) -> Result<crate::Topology, ConfigError> {
+    let prefix = prefix(src, "NOTIFY_PREFIX", "notify")?;
+    let queue_type: crate::QueueType = parse(src, "QUEUE_TYPE", crate::QueueType::Quorum)?;
+    let delays = durations(src, "RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE)?;
+    let mut topology = crate::Topology::new(prefix, queue_type, delays);
+    topology.delivery_limit = bounded(src, "DELIVERY_LIMIT", 5, 1, 1000)? as u32;
+    Ok(topology)
+}
+
+pub const DEFAULT_RETRY_SCHEDULE: &str = "1s,10s,1m,5m,30m";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const DEFAULT_RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,18 +174,3 @@ mod tests {
         assert_eq!(d, vec![Duration::from_millis(50), Duration::from_secs(1), Duration::from_secs(120)]);
     }
 }
-
-/// The topology settings both binaries share: `NOTIFY_PREFIX`, `QUEUE_TYPE`, `RETRY_SCHEDULE`,
-/// `DELIVERY_LIMIT`.
-pub fn topology(src: &dyn Source) -> Result<crate::Topology, ConfigError> {
-    let prefix = prefix(src, "NOTIFY_PREFIX", "notify")?;
-    let queue_type: crate::QueueType = parse(src, "QUEUE_TYPE", crate::QueueType::Quorum)?;
-    let delays = durations(src, "RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE)?;
-    let mut topology = crate::Topology::new(prefix, queue_type, delays);
-    topology.delivery_limit = bounded(src, "DELIVERY_LIMIT", 5, 1, 1000)? as u32;
-    Ok(topology)
-}
-
-pub const DEFAULT_RETRY_SCHEDULE: &str = "1s,10s,1m,5m,30m";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-pub const DEFAULT_RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

@@ -19,11 +19,11 @@ use reqwest::{
 use sha2::Sha256;
 use std::{
     error::Error as StdError,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
-use url::{Host, Url};
+use url::Url;
 
 /// A receiver may ask for a later retry, but not hold a message for longer than this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -171,71 +171,7 @@ fn secret_key(secret: &str) -> Result<Vec<u8>, base64::DecodeError> {
     }
 }
 
-/// Addresses a webhook must not reach unless private targets are allowed: loopback, private,
-/// link-local, unspecified, CGNAT, unique-local, multicast/broadcast, and IPv6 forms that carry
-/// such an IPv4 address (mapped, compatible, NAT64 `64:ff9b::/96`).
-pub fn is_forbidden_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => forbidden_v4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
-            if let Some(v4) = v6.to_ipv4() {
-                // `::1` and `::` land in 0.0.0.0/8, which is forbidden too.
-                return forbidden_v4(v4);
-            }
-            if nat64 {
-                return forbidden_v4(Ipv4Addr::from(u128::from(v6) as u32));
-            }
-            forbidden_v6(v6)
-        }
-    }
-}
-
-fn forbidden_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    a == 0 // "this network", 0.0.0.0 included: Linux connects it to the local host
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || (a == 100 && (b & 0xc0) == 64) // CGNAT 100.64.0.0/10
-        || ip.is_broadcast()
-        || ip.is_multicast()
-}
-
-fn forbidden_v6(ip: Ipv6Addr) -> bool {
-    ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_unique_local()
-        || ip.is_unicast_link_local()
-        || (ip.segments()[0] & 0xffc0) == 0xfec0 // deprecated site-local, still routed by some
-        || ip.is_multicast()
-}
-
-/// `localhost` and its subdomains (RFC 6761), which resolve to loopback without asking DNS.
-fn is_localhost(domain: &str) -> bool {
-    let domain = domain.trim_end_matches('.');
-    domain == "localhost" || domain.ends_with(".localhost")
-}
-
-/// The API's early check, without DNS: http(s), a host, and (unless `allow_private`) no
-/// literal forbidden address and no `localhost`. Messages never repeat the URL's userinfo.
-pub fn check_url_syntax(url: &str, allow_private: bool) -> Result<Url, String> {
-    let parsed = Url::parse(url).map_err(|e| format!("webhook URL is not a valid URL: {e}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("webhook URL must be http or https, not `{}`", parsed.scheme()));
-    }
-    let forbidden = match parsed.host().ok_or("webhook URL has no host")? {
-        Host::Domain(domain) => is_localhost(domain),
-        Host::Ipv4(ip) => is_forbidden_ip(ip.into()),
-        Host::Ipv6(ip) => is_forbidden_ip(ip.into()),
-    };
-    if forbidden && !allow_private {
-        let host = parsed.host_str().unwrap_or_default();
-        return Err(format!("webhook URL host `{host}` is a loopback or private address"));
-    }
-    Ok(parsed)
-}
+pub use notify_types::net::{check_url_syntax, is_forbidden_ip};
 
 /// A host name that resolved to an address [`is_forbidden_ip`] refuses.
 #[derive(Debug, thiserror::Error)]
