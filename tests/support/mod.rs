@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 pub const TEST_SCHEDULE: &str = "50ms,100ms,200ms";
 pub const TEST_MAX_ATTEMPTS: u32 = 4;
 
+/// Two keys, as in a rotation; the test client sends the first.
+pub const API_KEYS: &str = "test-key-one-4f1d9c,test-key-two-8e2a7b";
+pub const API_KEY: &str = "test-key-one-4f1d9c";
+
 /// Settings as a user would give them, with the test's own prefix and broker.
 pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<String, String> {
     [
@@ -34,6 +38,7 @@ pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<Strin
         ("DATABASE_SCHEMA", &schema_of(prefix)),
         ("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/config/routes.toml")),
         ("WEBHOOK_ALLOW_PRIVATE", "true"),
+        ("API_KEYS", API_KEYS),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -69,7 +74,9 @@ impl TestApi {
         let base = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {API_KEY}").parse().unwrap());
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).default_headers(headers).build()?;
         Ok(TestApi { base, client, handle })
     }
 

@@ -28,6 +28,8 @@ pub struct ApiConfig {
     pub database_schema: String,
     /// Direct webhooks to private, loopback and link-local addresses are refused unless true.
     pub allow_private_webhooks: bool,
+    /// Bearer keys (`API_KEYS`, comma-separated). Empty: authentication is off.
+    pub api_keys: crate::auth::ApiKeys,
 }
 
 impl ApiConfig {
@@ -46,6 +48,7 @@ impl ApiConfig {
             database_url: cfg::string(src, "DATABASE_URL", cfg::DEFAULT_DATABASE_URL),
             database_schema: cfg::string(src, "DATABASE_SCHEMA", "public"),
             allow_private_webhooks: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
+            api_keys: crate::auth::ApiKeys::parse(&cfg::string(src, "API_KEYS", "")),
         })
     }
 }

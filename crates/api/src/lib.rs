@@ -1,6 +1,7 @@
 //! notify-api: accepts notification requests over HTTP and hands them to RabbitMQ durably.
 //! A 202 means the broker confirmed the message; anything less is an error the caller sees.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;

@@ -43,9 +43,15 @@ impl Application {
             store: Some(store),
             allow_private_webhooks: config.allow_private_webhooks,
         });
+        if config.api_keys.is_empty() {
+            tracing::warn!("API_KEYS is empty: the API accepts requests without authentication");
+        }
+        let keys = web::Data::new(config.api_keys.clone());
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(crate::auth::require_key))
                 .wrap(TracingLogger::default())
+                .app_data(keys.clone())
                 .app_data(state.clone())
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
