@@ -146,7 +146,22 @@ impl Worker {
     }
 
     async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
-        let publish = conn.create_channel().await?;
+        // Retries and dead letters are published on a connection of their own: during a
+        // resource alarm RabbitMQ stops reading from connections that publish, and acks on the
+        // consuming connection must keep flowing so the worker keeps draining.
+        let pub_conn = broker::connect(&self.config.rabbitmq_url, "notify-worker-publish", CONNECT_TIMEOUT).await?;
+        let end = self.consume_with(conn, &pub_conn, shutdown).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), pub_conn.close(200, "worker session ended".into())).await;
+        end
+    }
+
+    async fn consume_with(
+        &self,
+        conn: &Connection,
+        pub_conn: &Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, lapin::Error> {
+        let publish = pub_conn.create_channel().await?;
         publish.confirm_select(ConfirmSelectOptions::default()).await?;
         let ctx = Arc::new(Ctx {
             deliverer: self.deliverer.clone(),
@@ -184,6 +199,7 @@ impl Worker {
         let end = tokio::select! {
             _ = shutdown.cancelled() => SessionEnd::Stopped,
             _ = loops.join_next() => SessionEnd::Lost,
+            _ = connection_lost(pub_conn) => SessionEnd::Lost,
         };
         // Stop taking new deliveries; what was prefetched but not started goes back to the
         // queue when its channel closes.
@@ -211,6 +227,14 @@ impl Worker {
             let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "consumer stopped".into())).await;
         }
         Ok(end)
+    }
+}
+
+/// Resolves when the connection stops being usable.
+async fn connection_lost(conn: &Connection) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while conn.status().connected() {
+        tick.tick().await;
     }
 }
 
