@@ -283,6 +283,11 @@ impl PrivateBroker {
         Ok(Pid::from_raw(pid))
     }
 
+    /// Runs `rabbitmqctl -n <this node> ARGS` (e.g. to add a user with a password).
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
+        self.ctl(args).await
+    }
+
     async fn ctl(&self, args: &[&str]) -> Result<String> {
         let mut cmd = self.rabbitmq_command("rabbitmqctl");
         cmd.arg("-n").arg(&self.node).args(args);

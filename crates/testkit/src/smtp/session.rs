@@ -102,7 +102,7 @@ impl Session {
                 self.transaction = None;
                 self.send(&format!(
                     "250-127.0.0.1 greets {arg}\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
-                     250-SMTPUTF8\r\n250 SIZE {MAX_MESSAGE_BYTES}\r\n"
+                     250-SMTPUTF8\r\n250-AUTH PLAIN LOGIN\r\n250 SIZE {MAX_MESSAGE_BYTES}\r\n"
                 ))
                 .await?;
             }
@@ -146,6 +146,23 @@ impl Session {
                 return Ok(Next::Close);
             }
             "VRFY" => self.send("252 2.1.5 will try\r\n").await?,
+            // Any credentials are accepted: clients configured with a password (as in
+            // production) can talk to this server; the tests check the password never leaks.
+            "AUTH" if arg.to_ascii_uppercase().starts_with("PLAIN") => {
+                if arg.split_whitespace().nth(1).is_none() {
+                    // The credentials come on the next line.
+                    self.send("334 \r\n").await?;
+                    let _ = self.read_line(&mut Vec::new(), MAX_COMMAND_LINE).await?;
+                }
+                self.send("235 2.7.0 authenticated\r\n").await?;
+            }
+            "AUTH" if arg.to_ascii_uppercase().starts_with("LOGIN") => {
+                self.send("334 VXNlcm5hbWU6\r\n").await?;
+                let _ = self.read_line(&mut Vec::new(), MAX_COMMAND_LINE).await?;
+                self.send("334 UGFzc3dvcmQ6\r\n").await?;
+                let _ = self.read_line(&mut Vec::new(), MAX_COMMAND_LINE).await?;
+                self.send("235 2.7.0 authenticated\r\n").await?;
+            }
             _ => self.send("500 5.5.2 command not recognized\r\n").await?,
         }
         Ok(Next::Continue)
