@@ -45,8 +45,11 @@ where
 {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
+    let Some(object) = value.as_object() else {
         return Err(ApiError::field("", "the body must be a JSON object"));
+    };
+    if let Some((field, _)) = object.iter().find(|(k, v)| k.contains('\0') || has_nul(v)) {
+        return Err(ApiError::field(field, "must not contain NUL characters (\\u0000)"));
     }
     let parsed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
@@ -55,6 +58,17 @@ where
     })?;
     parsed.validate().map_err(|e| ApiError::validation(field_errors(&e)))?;
     Ok(Parsed { body: parsed, value })
+}
+
+/// Whether a string (or key) anywhere in `value` holds a NUL: Postgres cannot store one in text
+/// or jsonb (status, inbox), so such a request could never be delivered everywhere.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {

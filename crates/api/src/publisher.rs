@@ -43,6 +43,10 @@ struct Session {
     next: AtomicUsize,
     broken: AtomicBool,
     broken_notify: tokio::sync::Notify,
+    /// Woken when the broker blocks the connection: the publishes awaiting a confirm then
+    /// answer at once instead of at the timeout (RabbitMQ stops reading from a blocked
+    /// connection, so the publish that ran into the alarm waits with the rest).
+    blocked_notify: tokio::sync::Notify,
 }
 
 /// Why the API is not ready to accept.
@@ -114,19 +118,27 @@ impl Publisher {
     /// and returned nothing.
     pub async fn publish(&self, env: &Envelope, routing_key: &str) -> Result<(), PublishError> {
         let session = self.current().ok_or(PublishError::NotConnected)?;
+        // Registered before the check, so a block arriving in between still wakes us.
+        let blocked = session.blocked_notify.notified();
+        tokio::pin!(blocked);
+        blocked.as_mut().enable();
         if session.conn.status().blocked() {
             return Err(PublishError::Blocked);
         }
         let n = session.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
-        let result = broker::publish_confirmed(
-            &session.channels[n],
-            &self.inner.topology.exchange(),
-            routing_key,
-            &env.to_bytes(),
-            broker::envelope_properties(env, 1),
-            self.inner.timeout,
-        )
-        .await;
+        let (exchange, payload) = (self.inner.topology.exchange(), env.to_bytes());
+        let result = tokio::select! {
+            biased;
+            result = broker::publish_confirmed(
+                &session.channels[n],
+                &exchange,
+                routing_key,
+                &payload,
+                broker::envelope_properties(env, 1),
+                self.inner.timeout,
+            ) => result,
+            _ = blocked => Err(PublishError::Blocked),
+        };
         if let Err(PublishError::Broker(e)) = &result {
             tracing::warn!(error = %e, "publishing failed; reconnecting to RabbitMQ");
             session.mark_broken();
@@ -180,6 +192,7 @@ impl Inner {
             next: AtomicUsize::new(0),
             broken: AtomicBool::new(false),
             broken_notify: tokio::sync::Notify::new(),
+            blocked_notify: tokio::sync::Notify::new(),
         }))
     }
 }
@@ -236,6 +249,7 @@ async fn wait_until_dead(inner: &Inner, session: &Session) {
                 }
                 Some(lapin::Event::ConnectionBlocked(reason)) => {
                     tracing::warn!(%reason, "RabbitMQ blocked publishers; answering 503 until it unblocks");
+                    session.blocked_notify.notify_waiters();
                 }
                 Some(lapin::Event::ConnectionUnblocked) => tracing::info!("RabbitMQ unblocked publishers"),
                 Some(_) => {}

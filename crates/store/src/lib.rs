@@ -14,7 +14,7 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
@@ -55,6 +55,10 @@ impl StoreError {
 fn db_err(e: sqlx::Error) -> StoreError {
     let unavailable = match &e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        // A connection closed by the other end before the server answered (a proxy or load
+        // balancer with no live Postgres behind it, a server going down) comes back as a
+        // protocol error: sqlx reads the EOF as "unexpected response from SSLRequest: 0x00".
+        sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(d) => d.code().is_some_and(|c| {
             // 08xxx connection_exception, admin/crash shutdown, cannot_connect_now,
             // too_many_connections.
@@ -237,7 +241,9 @@ fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
 fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let (micros, id) = cursor.split_once('_')?;
     let micros: i64 = micros.parse().ok()?;
-    let at = DateTime::from_timestamp_micros(micros)?;
+    // Years 1 to 9999: every cursor we hand out, and well inside what Postgres can store (a
+    // time before 4713 BC would fail the query instead of being a bad cursor).
+    let at = DateTime::from_timestamp_micros(micros).filter(|at| (1..=9999).contains(&at.year()))?;
     let id = Uuid::try_parse(id).ok()?;
     Some((at, id))
 }

@@ -22,6 +22,7 @@ pub async fn list(
     query: Result<web::Query<ListQuery>, actix_web::Error>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    check_user(&user)?;
     let q = query.map_err(|e| ApiError::field("query", format!("invalid query: {e}")))?.into_inner();
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
@@ -39,6 +40,7 @@ pub async fn mark_read(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (user, raw) = path.into_inner();
+    check_user(&user)?;
     let not_found = || ApiError::NotFound(format!("user `{user}` has no notification `{raw}`"));
     let id = Uuid::parse_str(&raw).map_err(|_| not_found())?;
     if !state.store()?.mark_read(&user, id).await? {
@@ -48,6 +50,16 @@ pub async fn mark_read(
 }
 
 pub async fn mark_all_read(user: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_user(&user)?;
     let updated = state.store()?.mark_all_read(&user).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"updated": updated, "unread_count": 0})))
+}
+
+/// Postgres cannot compare text holding a NUL (it answers an error, not "no rows"), and no user
+/// can have one: the API refuses NUL in every body.
+fn check_user(user: &str) -> Result<(), ApiError> {
+    if user.contains('\0') {
+        return Err(ApiError::field("user", "must not contain NUL characters (\\u0000)"));
+    }
+    Ok(())
 }

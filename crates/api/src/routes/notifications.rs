@@ -75,7 +75,8 @@ pub async fn send_email(
 pub struct WebhookRequest {
     #[validate(
         required(message = "is required"),
-        length(min = 1, max = 2048, message = "must be 1 to 2048 characters")
+        length(min = 1, max = 2048, message = "must be 1 to 2048 characters"),
+        custom(function = "single_line")
     )]
     pub url: Option<String>,
     #[validate(required(message = "is required"))]
