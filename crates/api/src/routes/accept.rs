@@ -106,7 +106,7 @@ pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Res
         Err(e) => {
             tracing::warn!(id = %env.id, error = %e, "not accepted: broker unavailable");
             Err(ApiError::Unavailable {
-                message: format!("the message broker is unavailable ({e}); nothing was accepted, retry later"),
+                message: format!("the message broker is unavailable ({e}); the request was not accepted, retry later"),
                 retry_after: Duration::from_secs(if matches!(e, PublishError::Blocked) { 10 } else { 5 }),
             })
         }
