@@ -13,3 +13,9 @@ pub const ATTEMPTS: &str = "x-notify-attempts";
 pub const DEAD_AT: &str = "x-notify-dead-at";
 /// The queue the message came from (for replay).
 pub const ORIGIN_QUEUE: &str = "x-notify-origin-queue";
+/// How many times delivery was deferred because our own infrastructure (Postgres) was down;
+/// deferrals do not count as attempts but back off through the tiers.
+pub const DEFERRALS: &str = "x-notify-deferrals";
+/// Set on a message that was sent but whose record failed: when it comes back, the worker only
+/// records the delivery, it never sends again.
+pub const SENT: &str = "x-notify-sent";

@@ -299,8 +299,18 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
     );
     async {
         let started = Instant::now();
-        let outcome = ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt).await);
-        ctx.deliverer.record(channel, &env, attempt, &outcome).await;
+        // A message that comes back with `x-notify-sent` was sent before; only its record is due.
+        let outcome = if header_u32(&delivery.properties, headers::SENT).is_some() {
+            Outcome::Delivered
+        } else {
+            ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt).await)
+        };
+        let outcome = match ctx.deliverer.record(channel, &env, attempt, &outcome).await {
+            Err(e) if outcome == Outcome::Delivered && e.is_unavailable() => {
+                Outcome::RecordLater { error: e.to_string() }
+            }
+            _ => outcome,
+        };
         let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).await;
         tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
         report(ctx, Some(env.id), channel, attempt, settled);

@@ -41,7 +41,13 @@ impl Deliverer {
     }
 
     /// Records the final outcome of an attempt (the status endpoint reads it).
-    pub async fn record(&self, channel: Channel, env: &Envelope, attempt: u32, outcome: &Outcome) {
+    pub async fn record(
+        &self,
+        channel: Channel,
+        env: &Envelope,
+        attempt: u32,
+        outcome: &Outcome,
+    ) -> Result<(), StoreError> {
         let ch = channel.as_str();
         let result = match outcome {
             Outcome::Delivered => self.store.mark_delivered(env.id, ch).await,
@@ -51,11 +57,12 @@ impl Deliverer {
             Outcome::Dead { reason, error } => {
                 self.store.mark_dead(env.id, ch, attempt as i32, error, reason.as_str()).await
             }
-            Outcome::AlreadyDelivered => Ok(()),
+            Outcome::AlreadyDelivered | Outcome::RecordLater { .. } => Ok(()),
         };
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::warn!(error = %e, "could not record the delivery state");
         }
+        result
     }
 
     async fn send(&self, channel: Channel, env: &Envelope) -> Outcome {

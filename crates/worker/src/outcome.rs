@@ -23,6 +23,11 @@ pub enum Outcome {
     },
     /// The send guard found this (notification, channel) already delivered: ack, send nothing.
     AlreadyDelivered,
+    /// Sent, but recording it failed (the database went away in between): come back later
+    /// only to record it — never to send again.
+    RecordLater {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

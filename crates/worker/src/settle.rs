@@ -10,7 +10,7 @@ use lapin::{
     BasicProperties,
 };
 use notify_types::{
-    broker::{publish_confirmed, PublishError},
+    broker::{header_u32, publish_confirmed, PublishError},
     headers, Channel, Topology,
 };
 use rand::Rng;
@@ -65,12 +65,27 @@ impl Settler {
                 tracing::info!("already delivered (redelivery); acking without sending");
                 Ok(Settled::AlreadyDelivered)
             }
-            Outcome::Retry { error, after } => self.retry(channel, delivery, attempt, attempt + 1, &error, after).await,
+            Outcome::Retry { error, after } => {
+                let tier = match after {
+                    Some(min) => self.topology.delay_at_least(min),
+                    None => self.topology.delay_before(attempt + 1),
+                };
+                self.retry(channel, delivery, attempt + 1, tier, after, &error, &[]).await
+            }
             Outcome::Defer { error } => {
-                self.retry(channel, delivery, attempt, attempt, &error, None).await.map(|s| match s {
-                    Settled::Retrying { delay, .. } => Settled::Deferred { delay },
-                    other => other,
-                })
+                // Deferrals back off through the tiers on a count of their own, so a long
+                // database outage does not spin every message at the first tier's rate.
+                let deferrals = header_u32(&delivery.properties, headers::DEFERRALS).unwrap_or(0) + 1;
+                let tier = self.topology.delay_before(deferrals + 1);
+                self.retry(channel, delivery, attempt, tier, None, &error, &[(headers::DEFERRALS, deferrals)])
+                    .await
+                    .map(deferred)
+            }
+            Outcome::RecordLater { error } => {
+                let deferrals = header_u32(&delivery.properties, headers::DEFERRALS).unwrap_or(0) + 1;
+                let tier = self.topology.delay_before(deferrals + 1);
+                let counters = [(headers::DEFERRALS, deferrals), (headers::SENT, 1)];
+                self.retry(channel, delivery, attempt, tier, None, &error, &counters).await.map(deferred)
             }
             Outcome::Dead { reason, error } => {
                 tracing::warn!(%error, reason = reason.as_str(), "dead-lettering");
@@ -92,21 +107,19 @@ impl Settler {
         }
     }
 
-    /// Republishes to a delay tier; `next_attempt` is the attempt number it will carry (the
-    /// same number for a deferral).
+    /// Republishes to the delay tier `tier`, carrying attempt number `next_attempt` (the same
+    /// number for a deferral) and the given counter headers.
+    #[allow(clippy::too_many_arguments)]
     async fn retry(
         &self,
         channel: Channel,
         delivery: &Delivery,
-        attempt: u32,
         next_attempt: u32,
-        error: &str,
+        tier: Duration,
         after: Option<Duration>,
+        error: &str,
+        counters: &[(&str, u32)],
     ) -> Result<Settled, PublishError> {
-        let tier = match after {
-            Some(min) => self.topology.delay_at_least(min),
-            None => self.topology.delay_before(attempt + 1),
-        };
         // The tier's TTL is the upper bound; jitter only shortens, and never below Retry-After.
         let shortest = after.unwrap_or_default().max(tier.mul_f64(1.0 - self.jitter)).min(tier);
         let delay = if shortest < tier { rand::rng().random_range(shortest..=tier) } else { tier };
@@ -114,6 +127,9 @@ impl Settler {
         let mut headers = headers_of(&delivery.properties);
         headers.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(next_attempt));
         headers.insert(headers::LAST_ERROR.into(), long(&shorten(error)));
+        for (key, value) in counters {
+            headers.insert((*key).into(), AMQPValue::LongUInt(*value));
+        }
         let props = delivery
             .properties
             .clone()
@@ -143,6 +159,13 @@ impl Settler {
         let queue = self.topology.dead_queue(channel);
         publish_confirmed(&self.publish, "", &queue, &delivery.data, props, self.timeout).await?;
         Ok(Settled::DeadLettered { reason })
+    }
+}
+
+fn deferred(settled: Settled) -> Settled {
+    match settled {
+        Settled::Retrying { delay, .. } => Settled::Deferred { delay },
+        other => other,
     }
 }
 
