@@ -107,6 +107,9 @@ fn validate_schema(schema: &str) -> Result<(), StoreError> {
 pub enum Claim {
     /// Not delivered yet: the row is now `delivering`; go ahead and send.
     Proceed,
+    /// Like `Proceed`, but the previous claim never finished (the attempt died mid-way):
+    /// `crashes` counts such claims so far, this one included.
+    Unfinished { crashes: i32 },
     /// Already delivered: do not send again, just ack.
     AlreadyDelivered,
 }
@@ -384,16 +387,19 @@ impl Store {
     /// `None`), `updated_at = now()` → [`Claim::Proceed`]. A `dead` row can be claimed again
     /// (dead-letter replay).
     pub async fn claim(&self, id: Uuid, channel: &str, event: Option<&str>, attempt: i32) -> Result<Claim, StoreError> {
-        let row: Option<(String,)> = sqlx::query_as(
+        // In DO UPDATE, `deliveries.*` is the row as it was: a claim that finds it still
+        // `delivering` counts a crash.
+        let row: Option<(i32,)> = sqlx::query_as(
             "INSERT INTO deliveries (notification_id, channel, status, attempts, event)
              VALUES ($1, $2, 'delivering', GREATEST($3, 0), $4)
              ON CONFLICT (notification_id, channel) DO UPDATE
                 SET status = 'delivering',
                     attempts = GREATEST(deliveries.attempts, EXCLUDED.attempts),
                     event = COALESCE(EXCLUDED.event, deliveries.event),
+                    crashes = deliveries.crashes + (deliveries.status = 'delivering')::int,
                     updated_at = now()
               WHERE deliveries.status <> 'delivered'
-             RETURNING status",
+             RETURNING crashes",
         )
         .bind(id)
         .bind(channel)
@@ -403,7 +409,8 @@ impl Store {
         .await
         .map_err(db_err)?;
         Ok(match row {
-            Some(_) => Claim::Proceed,
+            Some((0,)) => Claim::Proceed,
+            Some((crashes,)) => Claim::Unfinished { crashes },
             None => Claim::AlreadyDelivered,
         })
     }

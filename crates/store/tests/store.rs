@@ -90,8 +90,9 @@ async fn claim_guard_and_states() {
 
         // Second attempt: attempts goes up; event kept when not given.
         assert_eq!(s.claim(id, "email", None, 2).await.unwrap(), Claim::Proceed);
-        // A stale redelivery with a lower attempt number does not lower the count.
-        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Proceed);
+        // A stale redelivery with a lower attempt number does not lower the count; it finds the
+        // previous claim unfinished (still `delivering`) and counts that as a crash.
+        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Unfinished { crashes: 1 });
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st[0].status, "delivering");
         assert_eq!(st[0].attempts, 2);
@@ -191,9 +192,19 @@ async fn concurrent_first_claims_all_succeed_without_errors() {
             let s = s.clone();
             set.spawn(async move { s.claim(id, "webhook", Some("e"), attempt).await });
         }
-        for r in set.join_all().await {
-            assert_eq!(r.unwrap(), Claim::Proceed);
-        }
+        // The first one proceeds; each later one finds the row mid-delivery and counts it.
+        let mut crashes: Vec<i32> = set
+            .join_all()
+            .await
+            .into_iter()
+            .map(|r| match r.unwrap() {
+                Claim::Proceed => 0,
+                Claim::Unfinished { crashes } => crashes,
+                Claim::AlreadyDelivered => panic!("nothing was delivered"),
+            })
+            .collect();
+        crashes.sort();
+        assert_eq!(crashes, (0..10).collect::<Vec<_>>());
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st.len(), 1);
         assert_eq!(st[0].attempts, 10);

@@ -133,7 +133,7 @@ pub fn topology(src: &dyn Source) -> Result<crate::Topology, ConfigError> {
     let queue_type: crate::QueueType = parse(src, "QUEUE_TYPE", crate::QueueType::Quorum)?;
     let delays = durations(src, "RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE)?;
     let mut topology = crate::Topology::new(prefix, queue_type, delays);
-    topology.delivery_limit = bounded(src, "DELIVERY_LIMIT", 5, 1, 1000)? as u32;
+    topology.delivery_limit = bounded(src, "DELIVERY_LIMIT", 10, 1, 1000)? as u32;
     Ok(topology)
 }
 

@@ -84,7 +84,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>, queue_type: QueueType, retry_delays: Vec<Duration>) -> Self {
-        Topology { prefix: prefix.into(), queue_type, retry_delays, delivery_limit: 5, event_routes: Vec::new() }
+        Topology { prefix: prefix.into(), queue_type, retry_delays, delivery_limit: 10, event_routes: Vec::new() }
     }
 
     pub fn exchange(&self) -> String {

@@ -33,6 +33,9 @@ pub struct WorkerConfig {
     /// Signing secret of direct webhooks (`POST /api/v1/notifications/webhook`); event webhooks
     /// use the secret of their route.
     pub webhook_secret: Option<String>,
+    /// Deliveries of one message that may die mid-way (the process crashed) before the worker
+    /// dead-letters it itself. Below the queue's DELIVERY_LIMIT, which stays as the backstop.
+    pub crash_limit: u32,
 }
 
 impl WorkerConfig {
@@ -80,6 +83,7 @@ impl WorkerConfig {
             webhook_timeout: cfg::duration(src, "WEBHOOK_TIMEOUT", Duration::from_secs(10))?,
             webhook_allow_private: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
             webhook_secret: src.get("WEBHOOK_SECRET"),
+            crash_limit: cfg::bounded(src, "WORKER_CRASH_LIMIT", 3, 1, 1000)? as u32,
         })
     }
 }

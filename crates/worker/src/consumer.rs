@@ -75,7 +75,15 @@ impl Worker {
         .map_err(|e| anyhow::anyhow!("DATABASE_URL / DATABASE_SCHEMA: {e}"))?;
         let mut config = config;
         config.topology.event_routes = routes.bindings();
-        let deliverer = Deliverer { email, webhook, routes, store, webhook_secret: config.webhook_secret.clone() };
+        let deliverer = Deliverer {
+            gate: tokio::sync::RwLock::new(()),
+            crash_limit: config.crash_limit,
+            email,
+            webhook,
+            routes,
+            store,
+            webhook_secret: config.webhook_secret.clone(),
+        };
         Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None })
     }
 
@@ -303,7 +311,7 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
         let outcome = if header_u32(&delivery.properties, headers::SENT).is_some() {
             Outcome::Delivered
         } else {
-            ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt).await)
+            ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt, delivery.redelivered).await)
         };
         let outcome = match ctx.deliverer.record(channel, &env, attempt, &outcome).await {
             Err(e) if outcome == Outcome::Delivered && e.is_unavailable() => {

@@ -12,6 +12,10 @@ use notify_types::{routes::Routes, Channel, EmailMessage, Envelope, EventPayload
 use std::{panic::AssertUnwindSafe, sync::Arc};
 
 pub struct Deliverer {
+    /// Deliveries share it; a suspect (a redelivered message whose last delivery died mid-way)
+    /// takes it alone, so if it crashes the process again, no other message is implicated.
+    pub gate: tokio::sync::RwLock<()>,
+    pub crash_limit: u32,
     pub email: EmailSender,
     pub webhook: WebhookSender,
     pub routes: Arc<Routes>,
@@ -20,10 +24,27 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    /// Claims (notification, channel) in the send guard, then sends.
-    pub async fn deliver(&self, channel: Channel, env: &Envelope, attempt: u32) -> Outcome {
+    /// Claims (notification, channel) in the send guard, then sends. `redelivered` is the
+    /// broker's flag: only such a message can be a suspect.
+    pub async fn deliver(&self, channel: Channel, env: &Envelope, attempt: u32, redelivered: bool) -> Outcome {
+        let suspect = redelivered && self.unfinished(channel, env).await;
+        let _shared;
+        let _alone;
+        if suspect {
+            tracing::warn!("its last delivery died mid-way: delivering it alone");
+            _alone = self.gate.write().await;
+        } else {
+            _shared = self.gate.read().await;
+        }
         match self.store.claim(env.id, channel.as_str(), env.event.as_deref(), attempt as i32).await {
             Ok(Claim::Proceed) => {}
+            Ok(Claim::Unfinished { crashes }) if crashes >= self.crash_limit as i32 => {
+                return Outcome::Dead {
+                    reason: DeadReason::CrashedWorker,
+                    error: format!("{crashes} deliveries of this message died mid-way (WORKER_CRASH_LIMIT)"),
+                }
+            }
+            Ok(Claim::Unfinished { crashes }) => tracing::warn!(crashes, "the previous delivery did not finish"),
             Ok(Claim::AlreadyDelivered) => return Outcome::AlreadyDelivered,
             Err(e) => return defer(e),
         }
@@ -37,6 +58,15 @@ impl Deliverer {
                     .unwrap_or_else(|| "unknown panic".into());
                 Outcome::retry(format!("delivery panicked: {what}"))
             }
+        }
+    }
+
+    /// Whether this (notification, channel) was left mid-delivery. Errors count as no: the
+    /// claim that follows will meet the same database.
+    async fn unfinished(&self, channel: Channel, env: &Envelope) -> bool {
+        match self.store.delivery_status(env.id).await {
+            Ok(rows) => rows.iter().any(|r| r.channel == channel.as_str() && r.status == "delivering"),
+            Err(_) => false,
         }
     }
 

@@ -38,6 +38,8 @@ pub enum DeadReason {
     MaxAttempts,
     /// The message could not be read.
     Unparseable,
+    /// Its deliveries kept dying mid-way (WORKER_CRASH_LIMIT): it crashes the worker.
+    CrashedWorker,
 }
 
 impl DeadReason {
@@ -46,6 +48,7 @@ impl DeadReason {
             DeadReason::Permanent => "permanent",
             DeadReason::MaxAttempts => "max_attempts",
             DeadReason::Unparseable => "unparseable",
+            DeadReason::CrashedWorker => "crashed_worker",
         }
     }
 }

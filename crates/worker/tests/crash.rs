@@ -8,7 +8,7 @@ use notify_testkit::{
     rabbit,
     smtp::{Mail, SmtpServer},
 };
-use notify_types::{broker, Channel, EmailMessage, Envelope, QueueType, Topology};
+use notify_types::{broker, broker::header_str, headers, Channel, EmailMessage, Envelope, QueueType, Topology};
 use std::{
     collections::{HashMap, HashSet},
     os::unix::process::ExitStatusExt,
@@ -337,40 +337,8 @@ async fn a_message_that_kills_the_worker_is_dead_lettered_by_the_delivery_limit(
     // defaults: up to all 20 good ones in the dead-letter queue after 3 crashes).
     let settings = [("WORKER_CONCURRENCY", "1"), ("WORKER_PREFETCH", "1"), ("NOTIFY_ALLOW_TEST_PANIC", "1")];
     let dead_queue = s.topology.dead_queue(Channel::Email);
-    let mut worker = s.worker(&smtp, &settings);
-    let mut crashes = 0;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let done = async {
-            loop {
-                let dead = rabbit::message_count(&s.conn, &dead_queue).await.unwrap_or(0);
-                if smtp.mails().len() >= GOOD && dead >= 1 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        let exited = tokio::select! {
-            status = worker.child.wait() => Some(Some(status.unwrap())),
-            _ = done => Some(None),
-            _ = tokio::time::sleep_until(deadline.into()) => None,
-        };
-        let Some(exited) = exited else {
-            panic!(
-                "after {crashes} crash(es): {} mails, dead queue {:?}\n{}",
-                smtp.mails().len(),
-                rabbit::message_count(&s.conn, &dead_queue).await,
-                tail(&worker.logs())
-            );
-        };
-        let Some(status) = exited else { break };
-        crashes += 1;
-        assert_eq!(status.signal(), Some(SIGABRT), "the worker died of the poison message: {status:?}");
-        assert!(worker.logs().contains("test hook: aborting the process"), "{}", tail(&worker.logs()));
-        assert!(crashes <= 8, "the delivery limit never stopped the crashes");
-        println!("worker process {crashes} aborted by the poison message; restarting");
-        worker = s.worker(&smtp, &settings);
-    }
+    let (worker, crashes) = run_through_crashes(&mut s, &smtp, &settings, GOOD).await;
+    let mut worker = worker;
     let (status, _) = worker.sigterm(Duration::from_secs(30)).await;
     assert!(status.success(), "the surviving worker exits cleanly: {status:?}\n{}", tail(&worker.logs()));
 
@@ -402,6 +370,102 @@ async fn a_message_that_kills_the_worker_is_dead_lettered_by_the_delivery_limit(
     assert_eq!(mails.len(), GOOD, "each good mail once");
     assert!(mails.iter().all(|m| m.to != ["poison@example.com"]), "the poison message was never mailed");
     assert_eq!(left, Some(0));
+    s.cleanup().await;
+}
+
+/// Runs worker processes, restarting each one the poison message kills (bounded), until `good`
+/// mails arrived and one message is dead-lettered. Returns the surviving worker and the crashes.
+async fn run_through_crashes(
+    s: &mut Setup,
+    smtp: &SmtpServer,
+    settings: &[(&str, &str)],
+    good: usize,
+) -> (WorkerProcess, usize) {
+    let dead_queue = s.topology.dead_queue(Channel::Email);
+    let mut worker = s.worker(smtp, settings);
+    let mut crashes = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let done = async {
+            loop {
+                let dead = rabbit::message_count(&s.conn, &dead_queue).await.unwrap_or(0);
+                if distinct_ids(&smtp.mails()).len() >= good && dead >= 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let exited = tokio::select! {
+            status = worker.child.wait() => Some(Some(status.unwrap())),
+            _ = done => Some(None),
+            _ = tokio::time::sleep_until(deadline.into()) => None,
+        };
+        let Some(exited) = exited else {
+            panic!(
+                "after {crashes} crash(es): {} mails, dead queue {:?}\n{}",
+                smtp.mails().len(),
+                rabbit::message_count(&s.conn, &dead_queue).await,
+                tail(&worker.logs())
+            );
+        };
+        let Some(status) = exited else { return (worker, crashes) };
+        crashes += 1;
+        assert_eq!(status.signal(), Some(SIGABRT), "the worker died of the poison message: {status:?}");
+        assert!(worker.logs().contains("test hook: aborting the process"), "{}", tail(&worker.logs()));
+        assert!(crashes <= 8, "nothing stopped the crashes");
+        println!("worker process {crashes} aborted by the poison message; restarting");
+        worker = s.worker(smtp, settings);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_kills_the_worker_is_dead_lettered_by_the_worker_without_taking_good_ones_along() {
+    // Default-like concurrency and prefetch: each crash returns every message the worker held.
+    // The worker itself notices the message whose deliveries keep dying (WORKER_CRASH_LIMIT=3,
+    // default), delivers such suspects alone, and dead-letters it; the broker's delivery limit
+    // (default 10) is never reached by the good messages.
+    const GOOD: usize = 100;
+    let mut s = Setup::new("poison-crash-limit", 10).await;
+    let smtp = SmtpServer::start().await;
+    let poison = Envelope::direct(
+        Channel::Email,
+        "req-poison".to_string(),
+        serde_json::json!({"to": "poison@example.com", "subject": "p", "body": "b", "__notify_test_abort": true}),
+    );
+    let mut envs: Vec<Envelope> = (0..GOOD / 2).map(email).collect();
+    envs.push(poison.clone());
+    envs.extend((GOOD / 2..GOOD).map(email));
+    s.publish(&envs).await;
+    let settings = [("WORKER_CONCURRENCY", "16"), ("WORKER_PREFETCH", "32"), ("NOTIFY_ALLOW_TEST_PANIC", "1")];
+    let (mut worker, crashes) = run_through_crashes(&mut s, &smtp, &settings, GOOD).await;
+    let (status, _) = worker.sigterm(Duration::from_secs(30)).await;
+    assert!(status.success(), "the surviving worker exits cleanly: {status:?}\n{}", tail(&worker.logs()));
+
+    let mails = smtp.mails();
+    let mailed = distinct_ids(&mails);
+    let good: HashSet<String> = envs.iter().filter(|e| e.id != poison.id).map(|e| e.id.to_string()).collect();
+    let dead = rabbit::drain(&s.conn, &s.topology.dead_queue(Channel::Email), 200).await;
+    let store = notify_store::Store::connect_lazy(&s.db_url, &s.schema, 1).unwrap();
+    let poison_state = store.delivery_status(poison.id).await.unwrap();
+    store.close().await;
+    println!(
+        "crash limit 3: {crashes} worker crash(es); dead-lettered {} message(s) with reason {:?}; \
+         {} of {GOOD} good mails delivered ({} raw: same-Message-ID copies of mails in flight at a crash); \
+         the poison's status {:?}",
+        dead.len(),
+        dead.first().and_then(|d| header_str(&d.0, headers::DEAD_REASON)),
+        mailed.len(),
+        mails.len(),
+        poison_state.iter().map(|r| (&r.status, r.attempts)).collect::<Vec<_>>()
+    );
+    assert_eq!(crashes, 3, "three deliveries died, the fourth was refused");
+    assert_eq!(dead.len(), 1, "only the poison message is dead");
+    assert_eq!(dead[0].0.message_id().as_ref().map(|m| m.to_string()), Some(poison.id.to_string()));
+    assert_eq!(header_str(&dead[0].0, headers::DEAD_REASON).as_deref(), Some("crashed_worker"));
+    assert_eq!(mailed, good, "every good mail delivered");
+    assert!(mails.iter().all(|m| m.to != ["poison@example.com"]), "the poison message was never mailed");
+    assert_eq!(poison_state[0].status, "dead", "the status endpoint shows it dead");
+    assert_eq!(rabbit::message_count(&s.conn, &s.queue()).await, Some(0));
     s.cleanup().await;
 }
 
