@@ -33,6 +33,9 @@ pub const IN_APP_CHANNEL: &str = "in_app";
 
 const IDEMPOTENCY_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A pooled connection idle at least this long is pinged before it is handed out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
+
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -298,6 +301,19 @@ impl Store {
             .max_connections(max_connections.max(1))
             .min_connections(0)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // sqlx pings every connection before each use by default: a round trip as dear as
+            // the query itself (and it pings again on release, which stays). Only a connection
+            // idle long enough to have gone stale unnoticed is pinged before use; a busy one
+            // that died fails its query, which callers treat as "unavailable" anyway.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Store { pool, schema: schema.to_owned() })
     }
@@ -509,14 +525,29 @@ impl Store {
     // ---------------------------------------------------------------- inbox
 
     /// Inserts the item (id: UUID v7) unless (notification_id, user) already has one → `true`
-    /// when inserted, `false` when it existed. In the same transaction marks
+    /// when inserted, `false` when it existed. In the same statement (so atomically) marks
     /// (notification_id, `in_app`) delivered, so a redelivery can never create a second item.
+    /// One statement is one round trip, where BEGIN, two INSERTs and COMMIT were four.
     pub async fn insert_inbox_item(&self, item: &NewInboxItem) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let inserted = sqlx::query(
-            "INSERT INTO inbox_items (id, notification_id, user_id, title, body, data, event, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (notification_id, user_id) DO NOTHING",
+        // The main query reads `item`, so the inbox insert runs first; `delivered` (not read)
+        // runs to completion after it, within the same statement.
+        let inserted: i64 = sqlx::query_scalar(
+            "WITH item AS (
+                INSERT INTO inbox_items (id, notification_id, user_id, title, body, data, event, created_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT (notification_id, user_id) DO NOTHING
+                RETURNING 1
+             ), delivered AS (
+                INSERT INTO deliveries (notification_id, channel, status, attempts, event, delivered_at)
+                VALUES ($2, $9, 'delivered', 1, $7, now())
+                ON CONFLICT (notification_id, channel) DO UPDATE
+                   SET status = 'delivered',
+                       attempts = GREATEST(deliveries.attempts, 1),
+                       event = COALESCE(deliveries.event, EXCLUDED.event),
+                       delivered_at = COALESCE(deliveries.delivered_at, now()),
+                       updated_at = now()
+             )
+             SELECT count(*) FROM item",
         )
         .bind(Uuid::now_v7())
         .bind(item.notification_id)
@@ -526,30 +557,11 @@ impl Store {
         .bind(&item.data)
         .bind(&item.event)
         .bind(item.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
-        .rows_affected()
-            == 1;
-        sqlx::query(
-            "INSERT INTO deliveries
-                (notification_id, channel, status, attempts, event, delivered_at)
-             VALUES ($1, $2, 'delivered', 1, $3, now())
-             ON CONFLICT (notification_id, channel) DO UPDATE
-                SET status = 'delivered',
-                    attempts = GREATEST(deliveries.attempts, 1),
-                    event = COALESCE(deliveries.event, EXCLUDED.event),
-                    delivered_at = COALESCE(deliveries.delivered_at, now()),
-                    updated_at = now()",
-        )
-        .bind(item.notification_id)
         .bind(IN_APP_CHANNEL)
-        .bind(&item.event)
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await
         .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(inserted)
+        Ok(inserted == 1)
     }
 
     /// A page of the user's inbox, newest first (`created_at DESC, id DESC`). `before` is a

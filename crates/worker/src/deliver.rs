@@ -80,6 +80,9 @@ impl Deliverer {
     ) -> Result<(), StoreError> {
         let ch = channel.as_str();
         let result = match outcome {
+            // An in-app delivery is the inbox insert, which marked it delivered in the same
+            // statement: nothing is left to record.
+            Outcome::Delivered if channel == Channel::InApp => Ok(()),
             Outcome::Delivered => self.store.mark_delivered(env.id, ch).await,
             Outcome::Retry { error, .. } | Outcome::Defer { error } => {
                 self.store.mark_retrying(env.id, ch, error).await
