@@ -16,8 +16,16 @@ pub struct Bins {
 }
 
 /// `cargo build --release -p notify-api -p notify-worker` into the target directory this bench
-/// runs from (unless `skip`), then the two binaries next to the bench's own.
-pub fn build(skip: bool) -> anyhow::Result<Bins> {
+/// runs from (unless `skip`), then the two binaries next to the bench's own — or those in
+/// `bin_dir` (no build), e.g. to compare two builds.
+pub fn build(skip: bool, bin_dir: Option<&Path>) -> anyhow::Result<Bins> {
+    if let Some(dir) = bin_dir {
+        let bins = Bins { api: dir.join("notify-api"), worker: dir.join("notify-worker") };
+        for b in [&bins.api, &bins.worker] {
+            anyhow::ensure!(b.exists(), "{} is missing", b.display());
+        }
+        return Ok(bins);
+    }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().ok_or_else(|| anyhow::anyhow!("the bench binary has no directory"))?;
     let target = dir.parent().ok_or_else(|| anyhow::anyhow!("{} is not inside a target dir", dir.display()))?;

@@ -20,6 +20,15 @@ use std::{
 /// How long outstanding confirms may take after the last publish before the phase fails.
 const CONFIRM_TAIL: Duration = Duration::from_secs(30);
 
+/// Where to publish: through `exchange` with `routing_key`, on `channels` confirm-mode channels
+/// of `conn`.
+pub struct Target<'a> {
+    pub conn: &'a Connection,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub channels: usize,
+}
+
 /// Builds message `i`: body and properties.
 pub type MakeMessage = Arc<dyn Fn(u64) -> (Vec<u8>, BasicProperties) + Send + Sync>;
 
@@ -36,16 +45,12 @@ impl Published {
     }
 }
 
-/// Publishes through `exchange` with `routing_key` (mandatory, persistent as `make` says) on
-/// `channels` confirm-mode channels, each keeping up to `window` confirms outstanding, until
-/// `total` messages or `duration`, whichever comes first. Counts broker acks with nothing
-/// returned; `elapsed` runs until the last confirm arrived.
+/// Publishes to `to` (mandatory, persistent as `make` says), each channel keeping up to
+/// `window` confirms outstanding, until `total` messages or `duration`, whichever comes first.
+/// Counts broker acks with nothing returned; `elapsed` runs until the last confirm arrived.
 pub async fn publish(
-    conn: &Connection,
-    exchange: &str,
-    routing_key: &str,
+    to: &Target<'_>,
     make: MakeMessage,
-    channels: usize,
     window: usize,
     total: u64,
     duration: Duration,
@@ -54,10 +59,11 @@ pub async fn publish(
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
-    for _ in 0..channels {
-        let ch = conn.create_channel().await?;
+    for _ in 0..to.channels {
+        let ch = to.conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let (exchange, key, make, next) = (exchange.to_string(), routing_key.to_string(), make.clone(), next.clone());
+        let (exchange, key, make, next) =
+            (to.exchange.to_string(), to.routing_key.to_string(), make.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut inflight = FuturesUnordered::new();
             let (mut confirmed, mut failed) = (0u64, 0u64);
@@ -156,20 +162,17 @@ pub async fn consume(
 
 /// Publish → consume latency at `rate` messages/s for `duration` (open loop: each message is
 /// published at its scheduled time, whatever happened to the previous ones). The publisher uses
-/// `channels` confirm-mode channels round-robin, the consumer `prefetch` and an ack per message.
-/// Samples of the first 10% of the run are dropped (warm-up).
+/// the target's channels round-robin; the consumer on `queue` has `prefetch` and acks each
+/// message. Samples of the first 10% of the run are dropped (warm-up).
 pub async fn round_trip(
-    conn: &Connection,
-    exchange: &str,
-    routing_key: &str,
+    to: &Target<'_>,
     queue: &str,
-    body: Vec<u8>,
-    props: BasicProperties,
+    (body, props): (Vec<u8>, BasicProperties),
     rate_per_s: f64,
     duration: Duration,
-    channels: usize,
     prefetch: u16,
 ) -> anyhow::Result<(Latencies, u64)> {
+    let conn = to.conn;
     let base = Instant::now();
     let warm_ns = (duration.as_nanos() / 10) as u64;
     let sent = Arc::new(AtomicU64::new(0));
@@ -213,7 +216,7 @@ pub async fn round_trip(
     });
 
     let mut chans = Vec::new();
-    for _ in 0..channels {
+    for _ in 0..to.channels {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         chans.push(ch);
@@ -223,7 +226,7 @@ pub async fn round_trip(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n = 0u64;
     let mut failed = 0u64;
-    let (exchange, key) = (ShortString::from(exchange), ShortString::from(routing_key));
+    let (exchange, key) = (ShortString::from(to.exchange), ShortString::from(to.routing_key));
     loop {
         tokio::select! {
             _ = tick.tick() => {
