@@ -75,15 +75,13 @@ impl Settler {
             Outcome::Defer { error } => {
                 // Deferrals back off through the tiers on a count of their own, so a long
                 // database outage does not spin every message at the first tier's rate.
-                let deferrals = header_u32(&delivery.properties, headers::DEFERRALS).unwrap_or(0) + 1;
-                let tier = self.topology.delay_before(deferrals + 1);
+                let (deferrals, tier) = self.next_deferral(delivery);
                 self.retry(channel, delivery, attempt, tier, None, &error, &[(headers::DEFERRALS, deferrals)])
                     .await
                     .map(deferred)
             }
             Outcome::RecordLater { error } => {
-                let deferrals = header_u32(&delivery.properties, headers::DEFERRALS).unwrap_or(0) + 1;
-                let tier = self.topology.delay_before(deferrals + 1);
+                let (deferrals, tier) = self.next_deferral(delivery);
                 let counters = [(headers::DEFERRALS, deferrals), (headers::SENT, 1)];
                 self.retry(channel, delivery, attempt, tier, None, &error, &counters).await.map(deferred)
             }
@@ -105,6 +103,13 @@ impl Settler {
                 Settled::Requeued
             }
         }
+    }
+
+    /// The deferral count this republish carries and its tier: deferrals back off through the
+    /// tiers on a count of their own, apart from attempts.
+    fn next_deferral(&self, delivery: &Delivery) -> (u32, Duration) {
+        let deferrals = header_u32(&delivery.properties, headers::DEFERRALS).unwrap_or(0) + 1;
+        (deferrals, self.topology.delay_before(deferrals + 1))
     }
 
     /// Republishes to the delay tier `tier`, carrying attempt number `next_attempt` (the same
