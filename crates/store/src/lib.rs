@@ -12,6 +12,7 @@
 //! - `idempotency_keys`: the API's `Idempotency-Key` records.
 
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Utc};
@@ -19,6 +20,10 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
 use uuid::Uuid;
+
+mod batch;
+use batch::{Batcher, Op};
+pub use batch::{GroupCommitStats, MAX_BATCH, PARALLEL};
 
 /// How long [`Store::connect_lazy`]'s pool waits for a connection (including connecting) before
 /// giving up with [`StoreError::Unavailable`].
@@ -37,7 +42,7 @@ const IDEMPOTENCY_POLL_INTERVAL: Duration = Duration::from_millis(20);
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
 
 /// Errors from the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Postgres can't be reached right now (connection refused/reset, timeout, pool timeout or
     /// closed, server shutting down/starting up, too many connections). Callers may retry.
@@ -281,6 +286,11 @@ fn replay_of(key: &str, status: Option<i32>, body: Option<serde_json::Value>) ->
 pub struct Store {
     pool: PgPool,
     schema: String,
+    /// The group-commit tasks of the worker's hot-path writes, started on first use: claims
+    /// and inbox items in one, delivered records in the other, so that a record (the write
+    /// between an accepted e-mail and its ack) never waits behind a batch of claims.
+    writes: Arc<OnceLock<Batcher>>,
+    records: Arc<OnceLock<Batcher>>,
 }
 
 impl Store {
@@ -315,7 +325,23 @@ impl Store {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Store { pool, schema: schema.to_owned() })
+        Ok(Store { pool, schema: schema.to_owned(), writes: Arc::default(), records: Arc::default() })
+    }
+
+    fn writes(&self) -> &Batcher {
+        self.writes.get_or_init(|| Batcher::start(self.pool.clone()))
+    }
+
+    fn records(&self) -> &Batcher {
+        self.records.get_or_init(|| Batcher::start(self.pool.clone()))
+    }
+
+    /// How many statements the worker's hot-path writes took so far, and how many writes they
+    /// carried (claims, delivered records and inbox items share statements under load).
+    pub fn group_commit_stats(&self) -> GroupCommitStats {
+        let stats = |b: &OnceLock<Batcher>| b.get().map(Batcher::stats).unwrap_or_default();
+        let (w, r) = (stats(&self.writes), stats(&self.records));
+        GroupCommitStats { statements: w.statements + r.statements, writes: w.writes + r.writes }
     }
 
     /// The schema this store works in.
@@ -402,53 +428,19 @@ impl Store {
     /// upserted as `delivering` with `attempts = max(stored, attempt)`, `event` (kept when
     /// `None`), `updated_at = now()` → [`Claim::Proceed`]. A `dead` row can be claimed again
     /// (dead-letter replay).
+    ///
+    /// Concurrent calls share one statement and one commit (see the `batch` module).
     pub async fn claim(&self, id: Uuid, channel: &str, event: Option<&str>, attempt: i32) -> Result<Claim, StoreError> {
-        // In DO UPDATE, `deliveries.*` is the row as it was: a claim that finds it still
-        // `delivering` counts a crash.
-        let row: Option<(i32,)> = sqlx::query_as(
-            "INSERT INTO deliveries (notification_id, channel, status, attempts, event)
-             VALUES ($1, $2, 'delivering', GREATEST($3, 0), $4)
-             ON CONFLICT (notification_id, channel) DO UPDATE
-                SET status = 'delivering',
-                    attempts = GREATEST(deliveries.attempts, EXCLUDED.attempts),
-                    event = COALESCE(EXCLUDED.event, deliveries.event),
-                    crashes = deliveries.crashes + (deliveries.status = 'delivering')::int,
-                    updated_at = now()
-              WHERE deliveries.status <> 'delivered'
-             RETURNING crashes",
-        )
-        .bind(id)
-        .bind(channel)
-        .bind(attempt)
-        .bind(event)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(match row {
-            Some((0,)) => Claim::Proceed,
-            Some((crashes,)) => Claim::Unfinished { crashes },
-            None => Claim::AlreadyDelivered,
-        })
+        let (channel, event) = (channel.to_owned(), event.map(str::to_owned));
+        self.writes().call(|reply| Op::Claim { id, channel, event, attempt, reply }).await
     }
 
     /// Status `delivered`, `delivered_at = now()` (the first time), `last_error` kept.
     /// Creates the row if it does not exist.
+    /// Concurrent calls share one statement and one commit.
     pub async fn mark_delivered(&self, id: Uuid, channel: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO deliveries (notification_id, channel, status, attempts, delivered_at)
-             VALUES ($1, $2, 'delivered', 1, now())
-             ON CONFLICT (notification_id, channel) DO UPDATE
-                SET status = 'delivered',
-                    attempts = GREATEST(deliveries.attempts, 1),
-                    delivered_at = COALESCE(deliveries.delivered_at, now()),
-                    updated_at = now()",
-        )
-        .bind(id)
-        .bind(channel)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(())
+        let channel = channel.to_owned();
+        self.records().call(|reply| Op::Delivered { id, channel, reply }).await
     }
 
     /// Status `retrying`, `last_error = error`. Never downgrades a `delivered` row.
@@ -527,41 +519,10 @@ impl Store {
     /// Inserts the item (id: UUID v7) unless (notification_id, user) already has one → `true`
     /// when inserted, `false` when it existed. In the same statement (so atomically) marks
     /// (notification_id, `in_app`) delivered, so a redelivery can never create a second item.
-    /// One statement is one round trip, where BEGIN, two INSERTs and COMMIT were four.
+    /// Concurrent calls share one statement and one commit (see the `batch` module).
     pub async fn insert_inbox_item(&self, item: &NewInboxItem) -> Result<bool, StoreError> {
-        // The main query reads `item`, so the inbox insert runs first; `delivered` (not read)
-        // runs to completion after it, within the same statement.
-        let inserted: i64 = sqlx::query_scalar(
-            "WITH item AS (
-                INSERT INTO inbox_items (id, notification_id, user_id, title, body, data, event, created_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                ON CONFLICT (notification_id, user_id) DO NOTHING
-                RETURNING 1
-             ), delivered AS (
-                INSERT INTO deliveries (notification_id, channel, status, attempts, event, delivered_at)
-                VALUES ($2, $9, 'delivered', 1, $7, now())
-                ON CONFLICT (notification_id, channel) DO UPDATE
-                   SET status = 'delivered',
-                       attempts = GREATEST(deliveries.attempts, 1),
-                       event = COALESCE(deliveries.event, EXCLUDED.event),
-                       delivered_at = COALESCE(deliveries.delivered_at, now()),
-                       updated_at = now()
-             )
-             SELECT count(*) FROM item",
-        )
-        .bind(Uuid::now_v7())
-        .bind(item.notification_id)
-        .bind(&item.user)
-        .bind(&item.title)
-        .bind(&item.body)
-        .bind(&item.data)
-        .bind(&item.event)
-        .bind(item.created_at)
-        .bind(IN_APP_CHANNEL)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(inserted == 1)
+        let item = item.clone();
+        self.writes().call(|reply| Op::Inbox { item, reply }).await
     }
 
     /// A page of the user's inbox, newest first (`created_at DESC, id DESC`). `before` is a

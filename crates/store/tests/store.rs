@@ -575,3 +575,65 @@ async fn bad_schema_names_are_refused() {
     }
     assert!(Store::connect_lazy(&database_url(), "public", 1).is_ok());
 }
+
+#[tokio::test]
+async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
+    with_store(4, |s| async move {
+        // 300 deliveries at once, a third of them delivered before: their claims must say so.
+        let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
+        for id in ids.iter().step_by(3) {
+            assert_eq!(s.claim(*id, "webhook", None, 1).await.unwrap(), Claim::Proceed);
+            s.mark_delivered(*id, "webhook").await.unwrap();
+        }
+        let before = s.group_commit_stats();
+        let mut set = JoinSet::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (s, id) = (s.clone(), *id);
+            set.spawn(async move { (i, s.claim(id, "webhook", Some("e"), 2).await.unwrap()) });
+        }
+        let results = set.join_all().await;
+        let after = s.group_commit_stats();
+        for (i, claim) in &results {
+            let expected = if i % 3 == 0 { Claim::AlreadyDelivered } else { Claim::Proceed };
+            assert_eq!(*claim, expected, "claim {i}");
+        }
+        let (statements, writes) = (after.statements - before.statements, after.writes - before.writes);
+        println!("300 concurrent claims: {writes} writes in {statements} statements");
+        assert_eq!(writes, 300);
+        assert!(statements < 300 / 4, "{statements} statements for 300 concurrent claims: not grouped");
+
+        // Inbox items and delivered records the same way, each item exactly once.
+        let mut set = JoinSet::new();
+        for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+            let (s, id) = (s.clone(), *id);
+            set.spawn(async move {
+                let item = NewInboxItem {
+                    notification_id: id,
+                    user: format!("user-{}", i % 7),
+                    title: format!("t{i}"),
+                    body: "b".into(),
+                    data: (i % 2 == 0).then(|| json!({"i": i})),
+                    event: None,
+                    created_at: chrono::Utc::now(),
+                };
+                let first = s.insert_inbox_item(&item).await.unwrap();
+                let again = s.insert_inbox_item(&item).await.unwrap();
+                s.mark_delivered(id, "webhook").await.unwrap();
+                (first, again)
+            });
+        }
+        for (first, again) in set.join_all().await {
+            assert_eq!((first, again), (true, false), "inserted once, then found");
+        }
+        let mut items = 0;
+        for u in 0..7 {
+            items += s.list_inbox(&format!("user-{u}"), false, None, 100).await.unwrap().items.len();
+        }
+        assert_eq!(items, 200);
+        for id in &ids {
+            let st = s.delivery_status(*id).await.unwrap();
+            assert!(st.iter().all(|r| r.status == "delivered"), "{id}: {st:?}");
+        }
+    })
+    .await;
+}
