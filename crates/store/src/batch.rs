@@ -29,6 +29,9 @@ pub const PARALLEL: usize = 2;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A claim waiting in a batch: id, channel, event, attempt and where its answer goes.
+type ClaimRow = (Uuid, String, Option<String>, i32, Reply<Claim>);
+
 pub(crate) enum Op {
     Claim { id: Uuid, channel: String, event: Option<String>, attempt: i32, reply: Reply<Claim> },
     Delivered { id: Uuid, channel: String, reply: Reply<()> },
@@ -151,7 +154,7 @@ impl Stats {
 
 #[derive(Default)]
 struct Batch {
-    claims: Vec<(Uuid, String, Option<String>, i32, Reply<Claim>)>,
+    claims: Vec<ClaimRow>,
     delivered: Vec<(Uuid, String, Reply<()>)>,
     inbox: Vec<(NewInboxItem, Reply<bool>)>,
 }
@@ -197,7 +200,7 @@ fn answer<T, K: Eq + std::hash::Hash>(replies: Vec<(K, Reply<T>)>, result: Resul
 }
 
 /// The send guard for many rows, as [`crate::Store::claim`] documents it for one.
-async fn claim(pool: &PgPool, rows: Vec<(Uuid, String, Option<String>, i32, Reply<Claim>)>) {
+async fn claim(pool: &PgPool, rows: Vec<ClaimRow>) {
     if rows.is_empty() {
         return;
     }
