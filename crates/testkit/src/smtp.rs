@@ -216,12 +216,23 @@ pub struct Mail {
     pub html_body: Option<String>,
     /// The `Message-ID` header with its angle brackets, e.g. `<id@host>`.
     pub message_id: Option<String>,
+    /// When the server took the mail (just before its 250 reply). A real relay keeps a mail
+    /// it took even if the client is gone by the time the reply is sent.
+    pub accepted_at: std::time::Instant,
 }
 
 impl Mail {
     fn parse(from: String, to: Vec<String>, raw: String) -> Mail {
-        let mut mail =
-            Mail { from, to, raw, subject: String::new(), text_body: String::new(), html_body: None, message_id: None };
+        let mut mail = Mail {
+            from,
+            to,
+            raw,
+            subject: String::new(),
+            text_body: String::new(),
+            html_body: None,
+            message_id: None,
+            accepted_at: std::time::Instant::now(),
+        };
         // SMTP ends the data with the last line's CRLF even when the sender's message did not
         // end with one (lettre always writes `CRLF . CRLF` after the message). Parsing without
         // it gives back the sender's exact text, whatever the transfer encoding.

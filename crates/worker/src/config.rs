@@ -63,7 +63,7 @@ impl WorkerConfig {
         if channels.is_empty() {
             return Err(ConfigError::new("WORKER_CHANNELS", "needs at least one channel"));
         }
-        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 32, 1, 10_000)? as usize;
+        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 64, 1, 10_000)? as usize;
         Ok(WorkerConfig {
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
             topology: cfg::topology(src)?,
