@@ -2,6 +2,8 @@ use notify_api::{ApiConfig, Application};
 use notify_types::config::Env;
 use std::process::ExitCode;
 
+notify_types::use_mimalloc!();
+
 fn main() -> ExitCode {
     let env = Env::load();
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {

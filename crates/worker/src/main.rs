@@ -3,6 +3,8 @@ use notify_worker::{Worker, WorkerConfig};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+notify_types::use_mimalloc!();
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let env = Env::load();
