@@ -101,7 +101,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = WorkerConfig::from_source(&src(&[])).unwrap();
         assert_eq!(c.max_attempts, 6);
-        assert_eq!(c.prefetch, 64);
+        assert_eq!((c.concurrency, c.prefetch), (64, 128));
         assert_eq!(c.channels, vec![Channel::Email, Channel::Webhook, Channel::InApp]);
     }
 

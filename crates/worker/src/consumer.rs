@@ -141,7 +141,12 @@ impl Worker {
             match self.consume(&conn, &shutdown).await {
                 Ok(SessionEnd::Stopped) => {
                     let _ = conn.close(200, "worker shutting down".into()).await;
-                    tracing::info!("worker stopped");
+                    let batched = self.deliverer.store.group_commit_stats();
+                    tracing::info!(
+                        store_writes = batched.writes,
+                        store_statements = batched.statements,
+                        "worker stopped"
+                    );
                     return Ok(());
                 }
                 Ok(SessionEnd::Lost) => {
