@@ -36,7 +36,17 @@ impl Deliverer {
         } else {
             _shared = self.gate.read().await;
         }
-        match self.store.claim(env.id, channel.as_str(), env.event.as_deref(), attempt as i32).await {
+        // An in-app delivery is one statement that inserts the item and records it delivered,
+        // idempotent by itself (a second insert of the same item does nothing), so its first
+        // attempt needs no claim. A redelivery or a retry claims as every channel does: that
+        // is where a delivery that died mid-way is counted.
+        let guarded_by_insert = channel == Channel::InApp && !redelivered && attempt == 1;
+        let claim = if guarded_by_insert {
+            Ok(Claim::Proceed)
+        } else {
+            self.store.claim(env.id, channel.as_str(), env.event.as_deref(), attempt as i32).await
+        };
+        match claim {
             Ok(Claim::Proceed) => {}
             Ok(Claim::Unfinished { crashes }) if crashes >= self.crash_limit as i32 => {
                 return Outcome::Dead {
@@ -187,7 +197,9 @@ impl Deliverer {
         // Inserting the item and marking the delivery happen in one transaction: a
         // redelivery can never add a second item.
         match self.store.insert_inbox_item(&item).await {
-            Ok(_) => Outcome::Delivered,
+            Ok(true) => Outcome::Delivered,
+            // The item was there already: a publisher's retry of the same notification.
+            Ok(false) => Outcome::AlreadyDelivered,
             Err(e) => defer(e),
         }
     }

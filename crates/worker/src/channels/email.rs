@@ -1,27 +1,24 @@
-//! E-mail over SMTP with lettre's pooled async transport.
+//! E-mail over SMTP: lettre builds the mail, [`SmtpPool`] sends it.
 
+use super::smtp::SmtpPool;
 use crate::Outcome;
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
-    transport::smtp::PoolConfig,
-    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    Message,
 };
 use notify_types::{EmailMessage, Envelope};
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 #[derive(Clone)]
 pub struct EmailSender {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    pool: Arc<SmtpPool>,
     from: Mailbox,
 }
 
 impl EmailSender {
     pub fn new(url: &str, from: &str, timeout: Duration, pool_size: u32) -> anyhow::Result<Self> {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)?
-            .timeout(Some(timeout))
-            .pool_config(PoolConfig::new().max_size(pool_size).idle_timeout(Duration::from_secs(30)))
-            .build();
-        Ok(EmailSender { transport, from: from.parse()? })
+        let pool = SmtpPool::from_url(url, timeout, pool_size)?;
+        Ok(EmailSender { pool: Arc::new(pool), from: from.parse()? })
     }
 
     /// Sends one e-mail. The `Message-ID` is derived from the notification id so a receiver
@@ -31,7 +28,7 @@ impl EmailSender {
             Ok(m) => m,
             Err(e) => return Outcome::dead(e),
         };
-        match self.transport.send(message).await {
+        match self.pool.send(message.envelope(), &message.formatted()).await {
             Ok(_) => Outcome::Delivered,
             Err(e) if e.is_permanent() => Outcome::dead(format!("SMTP refused the mail: {e}")),
             Err(e) => Outcome::retry(format!("SMTP failed: {e}")),

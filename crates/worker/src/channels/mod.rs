@@ -1,2 +1,3 @@
 pub mod email;
+pub mod smtp;
 pub mod webhook;
