@@ -341,10 +341,10 @@ async fn setup(args: Args, bins: Option<Bins>, id: Option<String>) -> anyhow::Re
     let store = Store::connect_lazy(&database_url, &schema, 2)?;
     store.ping().await.map_err(|e| anyhow::anyhow!("Postgres at {}: {e}", cfg::redact_url(&database_url)))?;
     // The raw consumer and the worker use the same prefetch: the worker's default (twice
-    // WORKER_CONCURRENCY, 64) unless set, passed to the worker explicitly so the two can't drift.
+    // WORKER_CONCURRENCY, 128) unless set, passed to the worker explicitly so the two can't drift.
     let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok());
     let prefetch =
-        env_num("WORKER_PREFETCH").unwrap_or(env_num("WORKER_CONCURRENCY").unwrap_or(64) * 2).min(65535) as u16;
+        env_num("WORKER_PREFETCH").unwrap_or(env_num("WORKER_CONCURRENCY").unwrap_or(128) * 2).min(65535) as u16;
     let mut settings = settings;
     settings.insert("WORKER_PREFETCH".into(), prefetch.to_string());
     Ok(Ctx { args, bins, settings, topology, conn, store, logdir, base: Instant::now(), prefetch })

@@ -63,7 +63,7 @@ impl WorkerConfig {
         if channels.is_empty() {
             return Err(ConfigError::new("WORKER_CHANNELS", "needs at least one channel"));
         }
-        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 64, 1, 10_000)? as usize;
+        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 128, 1, 10_000)? as usize;
         Ok(WorkerConfig {
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
             topology: cfg::topology(src)?,
@@ -101,7 +101,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = WorkerConfig::from_source(&src(&[])).unwrap();
         assert_eq!(c.max_attempts, 6);
-        assert_eq!((c.concurrency, c.prefetch), (64, 128));
+        assert_eq!((c.concurrency, c.prefetch), (128, 256));
         assert_eq!(c.channels, vec![Channel::Email, Channel::Webhook, Channel::InApp]);
     }
 
