@@ -53,12 +53,12 @@ const RAW_MAX: u64 = 150_000;
 const WARMUP: Duration = Duration::from_secs(1);
 /// Connections of the end-to-end phase.
 const E2E_CONNS: usize = 32;
-/// The end-to-end phase runs at half the ingest rate, capped at each of these shares of the
-/// webhook drain rate in turn. API, worker, broker and Postgres share the machine's cores: on 2
-/// cores the first rate leaves about a third of the machine idle, so its latency is the
-/// pipeline's own and the target is judged on it; at the others the machine is ~95% busy and
-/// the latency is mostly waiting for a core (shown, not judged).
-const E2E_DRAIN_SHARES: [f64; 3] = [0.1, 0.25, 0.5];
+/// The end-to-end phase runs at half the ingest rate (where the issue judges it), first capped
+/// at each of these shares of the webhook drain rate in turn, up to the first rate that is not
+/// capped. API, worker, broker and Postgres share the machine's cores: on 2 cores the lowest
+/// rate leaves about a third of the machine idle, so its latency is the pipeline's own; at the
+/// higher ones the machine is ~95% busy and the latency is mostly waiting for a core.
+const E2E_DRAIN_SHARES: [f64; 3] = [0.1, 0.25, 1.0];
 const API_KEY: &str = "bench-key-0123456789abcdef";
 const BODY_TEXT: &str = "Hello! Your weekly report is ready: 12 new comments, 3 mentions and 1 pull request \
                          waiting for your review. See you soon.";
@@ -308,6 +308,22 @@ async fn stop_signal() {
     }
 }
 
+/// Everything here is on loopback and the broker is spoken to without TLS, so Postgres is too:
+/// with sqlx's default `sslmode=prefer`, a server that offers TLS (Debian's does, with its
+/// snakeoil certificate) gets every query encrypted both ways (in one same-machine comparison,
+/// in-app drain: Postgres 74 -> 56 and worker 64 -> 51 µs of CPU per delivery without it). The
+/// compose file's Postgres offers no TLS, so there it runs plain too. An explicit `sslmode` in
+/// DATABASE_URL is kept.
+fn plain_on_loopback(url: String) -> String {
+    let Ok(mut parsed) = url::Url::parse(&url) else { return url };
+    let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    if !loopback || parsed.query_pairs().any(|(k, _)| k == "sslmode") {
+        return url;
+    }
+    parsed.query_pairs_mut().append_pair("sslmode", "disable");
+    parsed.into()
+}
+
 async fn setup(args: Args, bins: Option<Bins>, id: Option<String>) -> anyhow::Result<Ctx> {
     let id = &id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
     let prefix = format!("bench-{id}");
@@ -317,6 +333,7 @@ async fn setup(args: Args, bins: Option<Bins>, id: Option<String>) -> anyhow::Re
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| cfg::DEFAULT_DATABASE_URL.into());
+    let database_url = plain_on_loopback(database_url);
     let logdir = std::env::temp_dir().join(format!("notify-bench-{id}"));
     std::fs::create_dir_all(&logdir)?;
     let settings: HashMap<String, String> = [
@@ -595,6 +612,7 @@ async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
             rate = webhook_drain * share;
         }
         let rate = rate.max(10.0);
+        let last = !capped;
         let env = email_envelope(0);
         let meter = procs::Meter::start(&[]);
         let rtt_target =
@@ -632,6 +650,9 @@ async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
         }
         rep.cpu(format!("end to end at {rate:.0}/s"), e2e.cpu.clone());
         rep.e2e.push((rtt, e2e));
+        if last {
+            break;
+        }
     }
 
     let (peak, status) = api.stop(Duration::from_secs(30)).await?;
@@ -915,14 +936,20 @@ fn print_report(ctx: &Ctx, rep: &mut Report, took: Duration) {
             r
         );
     }
+    // The target is judged where the issue puts it: at half the ingest rate, i.e. the first
+    // rate the webhook drain did not cap (or the highest one, if every rate was capped). The
+    // lower rates are shown to tell the pipeline's own latency from waiting for a core.
+    let judged = rep.e2e.iter().position(|(_, e)| e.capped.is_none()).unwrap_or(rep.e2e.len().saturating_sub(1));
     for (n, (rtt, e2e)) in rep.e2e.iter_mut().enumerate() {
         let rate = e2e.rate;
         let (r50, r99) = (rtt.percentile_ms(50.0), rtt.percentile_ms(99.0));
         let (e50, e99) = (e2e.latency.percentile_ms(50.0), e2e.latency.percentile_ms(99.0));
-        let cap = e2e.capped.map(|share| format!(", capped at {share} × webhook drain")).unwrap_or_default();
+        let cap = match e2e.capped {
+            Some(share) => format!(" ({share} × webhook drain, below half the ingest rate)"),
+            None => " (half the ingest rate)".to_string(),
+        };
         let x50 = ratio(e50.unwrap_or(0.0), r50.unwrap_or(0.0));
-        // The target is judged at the first rate only (see E2E_DRAIN_SHARES).
-        let (target, result) = if n == 0 { ("≤ 3", verdict(e50.is_some() && x50 <= 3.0)) } else { ("", "") };
+        let (target, result) = if n == judged { ("≤ 3", verdict(e50.is_some() && x50 <= 3.0)) } else { ("", "") };
         let _ = writeln!(
             t,
             "| end to end p50 ms, POST → webhook received vs publish → consume, at {rate:.0}/s{cap} | {} | {} | {:.1} | {target} | {result} |",
