@@ -110,7 +110,8 @@ impl SmtpServer {
         self.inner.state.borrow().attempts
     }
 
-    /// Transactions whose DATA has arrived but whose reply has not been sent yet.
+    /// Transactions whose DATA has arrived and which are not yet accepted (in `mails()`) or
+    /// refused.
     pub fn in_progress(&self) -> usize {
         self.inner.state.borrow().in_progress
     }

@@ -219,13 +219,19 @@ impl Session {
             reply = s.next_reply();
             delay = s.delay;
         });
-        let _in_progress = InProgress(self.state.clone());
+        let mut in_progress = InProgress(Some(self.state.clone()));
         if reply.accepts() {
             // The delay is the feature here (a slow relay), not a wait for an outcome.
             tokio::time::sleep(delay).await;
             let raw = String::from_utf8_lossy(&raw).into_owned();
             let mail = Mail::parse(tx.from, tx.to, raw);
-            self.state.send_modify(|s| s.mails.push(mail));
+            // Accepted and no longer in progress in one step, so an observer reading `mails()`
+            // and `in_progress()` one after the other never counts a mail twice.
+            in_progress.0.take();
+            self.state.send_modify(|s| {
+                s.mails.push(mail);
+                s.in_progress -= 1;
+            });
         }
         self.send(&reply.to_wire()).await
     }
@@ -247,13 +253,15 @@ impl Session {
     }
 }
 
-/// Decrements `in_progress` however the transaction ends (reply sent, client gone, server
-/// dropped mid-delay).
-struct InProgress(Arc<watch::Sender<State>>);
+/// Decrements `in_progress` however the transaction ends (refused, client gone, server dropped
+/// mid-delay), unless taken out when the mail was accepted.
+struct InProgress(Option<Arc<watch::Sender<State>>>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        self.0.send_modify(|s| s.in_progress -= 1);
+        if let Some(state) = self.0.take() {
+            state.send_modify(|s| s.in_progress -= 1);
+        }
     }
 }
 
