@@ -228,3 +228,29 @@ async fn assert_queues_empty(h: &Harness, dead_drained: bool) {
         assert_eq!(h.count(&h.topology.dead_queue(ch)).await, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_closing_pooled_connections_costs_no_attempt() {
+    // One pooled connection, which the relay closes after every mail: each next mail finds it
+    // dead at MAIL FROM, where nothing of the mail has been sent, and goes out on a new one.
+    let h = Harness::start_with("relay-closes", |s| {
+        s.insert("SMTP_POOL_SIZE".into(), "1".into());
+    })
+    .await;
+    h.smtp.close_after(1);
+    let mut worker = h.worker().await;
+    const N: usize = 5;
+    for i in 0..N {
+        let res = h.api.post_json("/api/v1/notifications/email", &email("u@example.com", &format!("m{i}"), "b")).await;
+        assert_eq!(res.status(), 202);
+        // One at a time, so each mail meets the connection the previous one left in the pool.
+        let reports = worker.next_reports(1, WAIT).await;
+        assert_eq!((reports[0].attempt, &reports[0].settled), (1, &Settled::Delivered), "mail {i}");
+    }
+    worker.stop().await.unwrap();
+    println!("{N} mails, {} SMTP connections, {} attempts", h.smtp.connections(), h.smtp.attempts());
+    assert_eq!(h.smtp.mails().len(), N);
+    assert_eq!(h.smtp.attempts(), N, "no mail was tried twice");
+    assert_eq!(h.smtp.connections(), N, "a new connection for each mail");
+    h.cleanup().await;
+}

@@ -312,12 +312,14 @@ async fn stop_signal() {
 /// with sqlx's default `sslmode=prefer`, a server that offers TLS (Debian's does, with its
 /// snakeoil certificate) gets every query encrypted both ways (in one same-machine comparison,
 /// in-app drain: Postgres 74 -> 56 and worker 64 -> 51 µs of CPU per delivery without it). The
-/// compose file's Postgres offers no TLS, so there it runs plain too. An explicit `sslmode` in
-/// DATABASE_URL is kept.
+/// compose file's Postgres offers no TLS, so there it runs plain too. An explicit choice
+/// (`sslmode`/`ssl-mode` in DATABASE_URL, or `PGSSLMODE`) is kept.
 fn plain_on_loopback(url: String) -> String {
     let Ok(mut parsed) = url::Url::parse(&url) else { return url };
     let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
-    if !loopback || parsed.query_pairs().any(|(k, _)| k == "sslmode") {
+    let chosen =
+        parsed.query_pairs().any(|(k, _)| k == "sslmode" || k == "ssl-mode") || std::env::var_os("PGSSLMODE").is_some();
+    if !loopback || chosen {
         return url;
     }
     parsed.query_pairs_mut().append_pair("sslmode", "disable");

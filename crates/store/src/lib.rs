@@ -461,20 +461,28 @@ impl Store {
     }
 
     /// Status `retrying`, `last_error = error`. Never downgrades a `delivered` row.
-    /// Creates the row if it does not exist.
-    pub async fn mark_retrying(&self, id: Uuid, channel: &str, error: &str) -> Result<(), StoreError> {
+    /// Creates the row if it does not exist (with `event`, which a stored one keeps).
+    pub async fn mark_retrying(
+        &self,
+        id: Uuid,
+        channel: &str,
+        event: Option<&str>,
+        error: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO deliveries (notification_id, channel, status, attempts, last_error)
-             VALUES ($1, $2, 'retrying', 1, $3)
+            "INSERT INTO deliveries (notification_id, channel, status, attempts, last_error, event)
+             VALUES ($1, $2, 'retrying', 1, $3, $4)
              ON CONFLICT (notification_id, channel) DO UPDATE
                 SET status = 'retrying',
                     last_error = EXCLUDED.last_error,
+                    event = COALESCE(deliveries.event, EXCLUDED.event),
                     updated_at = now()
               WHERE deliveries.status <> 'delivered'",
         )
         .bind(id)
         .bind(channel)
         .bind(error)
+        .bind(event)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
@@ -488,19 +496,21 @@ impl Store {
         &self,
         id: Uuid,
         channel: &str,
+        event: Option<&str>,
         attempts: i32,
         error: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO deliveries
-                (notification_id, channel, status, attempts, last_error, dead_reason)
-             VALUES ($1, $2, 'dead', GREATEST($3, 0), $4, $5)
+                (notification_id, channel, status, attempts, last_error, dead_reason, event)
+             VALUES ($1, $2, 'dead', GREATEST($3, 0), $4, $5, $6)
              ON CONFLICT (notification_id, channel) DO UPDATE
                 SET status = 'dead',
                     attempts = GREATEST(deliveries.attempts, EXCLUDED.attempts),
                     last_error = EXCLUDED.last_error,
                     dead_reason = EXCLUDED.dead_reason,
+                    event = COALESCE(deliveries.event, EXCLUDED.event),
                     updated_at = now()
               WHERE deliveries.status <> 'delivered'",
         )
@@ -509,6 +519,7 @@ impl Store {
         .bind(attempts)
         .bind(error)
         .bind(reason)
+        .bind(event)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;

@@ -83,7 +83,7 @@ async fn claim_guard_and_states() {
         assert!(st[0].delivered_at.is_none());
 
         // Fails → retrying with the error.
-        s.mark_retrying(id, "email", "smtp 451").await.unwrap();
+        s.mark_retrying(id, "email", None, "smtp 451").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st[0].status, "retrying");
         assert_eq!(st[0].last_error.as_deref(), Some("smtp 451"));
@@ -110,8 +110,8 @@ async fn claim_guard_and_states() {
         // The guard: never again.
         assert_eq!(s.claim(id, "email", None, 3).await.unwrap(), Claim::AlreadyDelivered);
         // A late failure report can't downgrade a delivered row.
-        s.mark_retrying(id, "email", "late").await.unwrap();
-        s.mark_dead(id, "email", 9, "late", "rejected").await.unwrap();
+        s.mark_retrying(id, "email", None, "late").await.unwrap();
+        s.mark_dead(id, "email", None, 9, "late", "rejected").await.unwrap();
         s.mark_delivered(id, "email").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st[0].status, "delivered");
@@ -121,8 +121,8 @@ async fn claim_guard_and_states() {
 
         // Another channel of the same notification is independent; dead after retries.
         assert_eq!(s.claim(id, "webhook", Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
-        s.mark_retrying(id, "webhook", "HTTP 500").await.unwrap();
-        s.mark_dead(id, "webhook", 5, "HTTP 500", "delivery_limit").await.unwrap();
+        s.mark_retrying(id, "webhook", None, "HTTP 500").await.unwrap();
+        s.mark_dead(id, "webhook", None, 5, "HTTP 500", "delivery_limit").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(
             st.iter().map(|d| d.channel.as_str()).collect::<Vec<_>>(),
@@ -142,7 +142,7 @@ async fn claim_guard_and_states() {
 
         // Dead before any claim (bad payload): upsert.
         let id2 = Uuid::now_v7();
-        s.mark_dead(id2, "in_app", 1, "invalid payload", "rejected").await.unwrap();
+        s.mark_dead(id2, "in_app", None, 1, "invalid payload", "rejected").await.unwrap();
         let st = s.delivery_status(id2).await.unwrap();
         assert_eq!(st.len(), 1);
         assert_eq!(st[0].status, "dead");

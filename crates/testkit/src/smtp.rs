@@ -42,6 +42,9 @@ struct State {
     script: VecDeque<Reply>,
     always: Option<Reply>,
     delay: Duration,
+    /// Close a connection after this many transactions (a relay's per-session limit).
+    per_connection: Option<usize>,
+    connections: usize,
 }
 
 impl State {
@@ -98,6 +101,18 @@ impl SmtpServer {
     /// in flight (e.g. while a test stops the worker).
     pub fn set_delay(&self, delay: Duration) {
         self.inner.state.send_modify(|s| s.delay = delay);
+    }
+
+    /// Closes each connection, without a word, right after its `n`th transaction — as relays
+    /// with a per-session message limit or a short idle timeout do. A client finds out at its
+    /// next command.
+    pub fn close_after(&self, n: usize) {
+        self.inner.state.send_modify(|s| s.per_connection = Some(n.max(1)));
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.inner.state.borrow().connections
     }
 
     /// Accepted mails in the order they were accepted.

@@ -15,6 +15,11 @@ pub struct Deliverer {
     /// Deliveries share it; a suspect (a redelivered message whose last delivery died mid-way)
     /// takes it alone, so if it crashes the process again, no other message is implicated.
     pub gate: tokio::sync::RwLock<()>,
+    /// One per pooled SMTP connection. An e-mail delivery takes one before it claims, so no
+    /// more e-mail deliveries are claimed than can be talking to the relay: one waiting for a
+    /// connection while claimed would be counted as dying mid-way if the process crashed.
+    /// Released when the send is done, before the outcome is recorded.
+    pub email_slots: tokio::sync::Semaphore,
     pub crash_limit: u32,
     pub email: EmailSender,
     pub webhook: WebhookSender,
@@ -27,6 +32,10 @@ impl Deliverer {
     /// Claims (notification, channel) in the send guard, then sends. `redelivered` is the
     /// broker's flag: only such a message can be a suspect.
     pub async fn deliver(&self, channel: Channel, env: &Envelope, attempt: u32, redelivered: bool) -> Outcome {
+        let _email_slot = match channel {
+            Channel::Email => Some(self.email_slots.acquire().await.expect("never closed")),
+            _ => None,
+        };
         let suspect = redelivered && self.unfinished(channel, env).await;
         let _shared;
         let _alone;
@@ -95,10 +104,10 @@ impl Deliverer {
             Outcome::Delivered if channel == Channel::InApp => Ok(()),
             Outcome::Delivered => self.store.mark_delivered(env.id, ch).await,
             Outcome::Retry { error, .. } | Outcome::Defer { error } => {
-                self.store.mark_retrying(env.id, ch, error).await
+                self.store.mark_retrying(env.id, ch, env.event.as_deref(), error).await
             }
             Outcome::Dead { reason, error } => {
-                self.store.mark_dead(env.id, ch, attempt as i32, error, reason.as_str()).await
+                self.store.mark_dead(env.id, ch, env.event.as_deref(), attempt as i32, error, reason.as_str()).await
             }
             Outcome::AlreadyDelivered | Outcome::RecordLater { .. } => Ok(()),
         };

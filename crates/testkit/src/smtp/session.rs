@@ -34,6 +34,7 @@ pub(super) async fn accept_loop(listener: TcpListener, state: Arc<watch::Sender<
         while sessions.try_join_next().is_some() {}
         match listener.accept().await {
             Ok((stream, _)) => {
+                state.send_modify(|s| s.connections += 1);
                 sessions.spawn(serve(stream, state.clone()));
             }
             // A failed accept (e.g. the client reset first) concerns that client only.
@@ -46,7 +47,8 @@ pub(super) async fn accept_loop(listener: TcpListener, state: Arc<watch::Sender<
 
 async fn serve(stream: TcpStream, state: Arc<watch::Sender<State>>) {
     let (read, write) = stream.into_split();
-    let mut session = Session { reader: BufReader::new(read), writer: write, state, greeted: false, transaction: None };
+    let mut session =
+        Session { reader: BufReader::new(read), writer: write, state, greeted: false, transaction: None, finished: 0 };
     // An I/O error or timeout only ends this client's conversation; the test sees the outcome
     // on the client side.
     let _ = session.run().await;
@@ -64,6 +66,8 @@ struct Session {
     state: Arc<watch::Sender<State>>,
     greeted: bool,
     transaction: Option<Transaction>,
+    /// Transactions that reached the end of DATA on this connection.
+    finished: usize,
 }
 
 enum Next {
@@ -185,7 +189,9 @@ impl Session {
             return Ok(Next::Close);
         };
         self.finish(tx, raw).await?;
-        Ok(Next::Continue)
+        self.finished += 1;
+        let limit = self.state.borrow().per_connection;
+        Ok(if limit.is_some_and(|n| self.finished >= n) { Next::Close } else { Next::Continue })
     }
 
     /// Reads the message up to the lone `.` line and undoes dot-stuffing. `None` if it exceeds

@@ -8,7 +8,9 @@
 //! it, yet the kernel still handed the dot to the server after the process was gone, so the
 //! redelivery sent it again. The transport also sent a `NOOP` before every mail to test the
 //! pooled connection. Here the dot goes out with the content's last segment, and only a
-//! connection idle for more than [`TEST_IDLE_AFTER`] is tested first.
+//! connection idle for more than [`TEST_IDLE_AFTER`] is tested first. Each step of a
+//! conversation gets `SMTP_TIMEOUT`, except the answer to the final dot, which gets the 10
+//! minutes RFC 5321 gives it ([`DATA_END_TIMEOUT`]).
 //!
 //! `smtps://` (TLS from the first byte) still uses lettre's own socket, because lettre takes a
 //! custom stream only before TLS; `smtp://` and `smtp://…?tls=required|opportunistic`
@@ -19,10 +21,12 @@ use lettre::{
     transport::smtp::{
         authentication::{Credentials, DEFAULT_MECHANISMS},
         client::{AsyncSmtpConnection, Tls, TlsParameters},
-        extension::ClientId,
+        commands::{Data, Mail, Rcpt},
+        extension::{ClientId, Extension, MailBodyParameter, MailParameter},
         Error as LettreError,
     },
 };
+use std::future::Future;
 use std::{
     borrow::Cow,
     fmt,
@@ -36,6 +40,10 @@ const TEST_IDLE_AFTER: Duration = Duration::from_secs(2);
 /// A pooled connection idle for longer than this is closed instead of reused (servers drop
 /// idle clients after a few minutes; RFC 5321 asks them to wait at least 5).
 const MAX_IDLE: Duration = Duration::from_secs(30);
+/// How long the answer to the mail's final `.` may take (RFC 5321 4.5.3.2.6: 10 minutes). The
+/// relay may be scanning or queueing the mail; giving up earlier and retrying can only end in a
+/// second copy, so this wait is not cut to `SMTP_TIMEOUT`, which bounds every other step.
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why a mail was not accepted.
 #[derive(Debug)]
@@ -44,14 +52,20 @@ pub enum SmtpError {
     Smtp(LettreError),
     /// The TCP connection could not be opened.
     Connect(std::io::Error),
-    /// The conversation took longer than `SMTP_TIMEOUT`.
+    /// A step of the conversation took longer than allowed.
     Timeout(Duration),
+    /// The mail needs an extension the server does not offer (SMTPUTF8, 8BITMIME).
+    Unsupported(&'static str),
 }
 
 impl SmtpError {
-    /// A 5xx answer: sending the same mail again cannot succeed.
+    /// A 5xx answer, or a mail this server can never take: sending it again cannot succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SmtpError::Smtp(e) if e.is_permanent())
+        match self {
+            SmtpError::Smtp(e) => e.is_permanent(),
+            SmtpError::Unsupported(_) => true,
+            SmtpError::Connect(_) | SmtpError::Timeout(_) => false,
+        }
     }
 }
 
@@ -63,6 +77,7 @@ impl fmt::Display for SmtpError {
             SmtpError::Timeout(t) => {
                 write!(f, "no answer from the SMTP server within {}", humantime::format_duration(*t))
             }
+            SmtpError::Unsupported(what) => write!(f, "the SMTP server cannot take this mail: {what}"),
         }
     }
 }
@@ -132,40 +147,69 @@ impl SmtpPool {
     }
 
     /// Sends one mail on a pooled connection (at most `size` conversations at once). A
-    /// connection that saw an error is closed, not returned.
+    /// connection that saw an error is closed, not returned. A reused connection that fails
+    /// before the server took `MAIL FROM` (the relay closed it while it was idle) is replaced
+    /// by a new one once: nothing of the mail was sent on it.
     pub async fn send(&self, envelope: &Envelope, mail: &[u8]) -> Result<(), SmtpError> {
         let _slot = self.slots.acquire().await.expect("the pool's semaphore is never closed");
-        let mut conn = match tokio::time::timeout(self.timeout, self.checkout()).await {
-            Ok(conn) => conn?,
-            Err(_) => return Err(SmtpError::Timeout(self.timeout)),
-        };
-        match tokio::time::timeout(self.timeout, conn.send(envelope, mail)).await {
-            Ok(Ok(_)) => {
-                self.idle.lock().expect("pool lock").push((conn, Instant::now()));
-                Ok(())
+        let (mut conn, mut reused) = within(self.timeout, self.checkout()).await?;
+        loop {
+            match self.transaction(&mut conn, envelope, mail).await {
+                Ok(()) => {
+                    self.idle.lock().expect("pool lock").push((conn, Instant::now()));
+                    return Ok(());
+                }
+                Err(Step::Mail(e)) if reused => {
+                    tracing::debug!(error = %e, "pooled SMTP connection was closed; opening a new one");
+                    (conn, reused) = (within(self.timeout, self.connect()).await?, false);
+                }
+                Err(Step::Mail(e) | Step::Later(e)) => return Err(e),
             }
-            // lettre closes the connection after an error (`has_broken`); nothing to return.
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(SmtpError::Timeout(self.timeout)),
         }
     }
 
-    /// The most recently used idle connection (tested first if it idled a while), or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, SmtpError> {
+    /// One mail transaction, as lettre's `AsyncSmtpConnection::send` runs it, with a time limit
+    /// per step and the step that failed.
+    async fn transaction(&self, conn: &mut AsyncSmtpConnection, envelope: &Envelope, mail: &[u8]) -> Result<(), Step> {
+        let mut options = Vec::new();
+        let non_ascii = envelope.from().into_iter().chain(envelope.to()).any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if non_ascii {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Err(Step::Mail(SmtpError::Unsupported("non-ASCII address and no SMTPUTF8")));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !mail.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(Step::Mail(SmtpError::Unsupported("non-ASCII content and no 8BITMIME")));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        within(self.timeout, conn.command(Mail::new(envelope.from().cloned(), options))).await.map_err(Step::Mail)?;
+        for to in envelope.to() {
+            within(self.timeout, conn.command(Rcpt::new(to.clone(), vec![]))).await.map_err(Step::Later)?;
+        }
+        within(self.timeout, conn.command(Data)).await.map_err(Step::Later)?;
+        within(DATA_END_TIMEOUT.max(self.timeout), conn.message(mail)).await.map_err(Step::Later)?;
+        Ok(())
+    }
+
+    /// The most recently used idle connection (tested first if it idled a while), or a new one;
+    /// `true` with a reused one. A connection given up is dropped without `QUIT`: on a
+    /// half-open one that would only hold the wait up.
+    async fn checkout(&self) -> Result<(AsyncSmtpConnection, bool), SmtpError> {
         loop {
             let next = self.idle.lock().expect("pool lock").pop();
             let Some((mut conn, since)) = next else { break };
             let idle = since.elapsed();
             if conn.has_broken() || idle > MAX_IDLE {
-                conn.abort().await;
                 continue;
             }
             if idle < TEST_IDLE_AFTER || conn.test_connected().await {
-                return Ok(conn);
+                return Ok((conn, true));
             }
-            conn.abort().await;
         }
-        self.connect().await
+        Ok((self.connect().await?, false))
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, SmtpError> {
@@ -197,6 +241,23 @@ impl SmtpPool {
             conn.auth(DEFAULT_MECHANISMS, credentials).await?;
         }
         Ok(conn)
+    }
+}
+
+/// Where a transaction failed: at `MAIL FROM` (nothing of the mail sent yet) or later.
+enum Step {
+    Mail(SmtpError),
+    Later(SmtpError),
+}
+
+/// `step` bounded by `limit`.
+async fn within<T, E: Into<SmtpError>>(
+    limit: Duration,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, SmtpError> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(SmtpError::Timeout(limit)),
     }
 }
 
