@@ -360,10 +360,11 @@ async fn setup(args: Args, bins: Option<Bins>, id: Option<String>) -> anyhow::Re
     let store = Store::connect_lazy(&database_url, &schema, 2)?;
     store.ping().await.map_err(|e| anyhow::anyhow!("Postgres at {}: {e}", cfg::redact_url(&database_url)))?;
     // The raw consumer and the worker use the same prefetch: the worker's default (twice
-    // WORKER_CONCURRENCY, 128) unless set, passed to the worker explicitly so the two can't drift.
+    // WORKER_CONCURRENCY) unless set, passed to the worker explicitly so the two can't drift.
     let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok());
-    let prefetch =
-        env_num("WORKER_PREFETCH").unwrap_or(env_num("WORKER_CONCURRENCY").unwrap_or(128) * 2).min(65535) as u16;
+    let prefetch = env_num("WORKER_PREFETCH")
+        .unwrap_or(env_num("WORKER_CONCURRENCY").unwrap_or(notify_worker::config::DEFAULT_CONCURRENCY) * 2)
+        .min(65535) as u16;
     let mut settings = settings;
     settings.insert("WORKER_PREFETCH".into(), prefetch.to_string());
     Ok(Ctx { args, bins, settings, topology, conn, store, logdir, base: Instant::now(), prefetch })
@@ -614,7 +615,6 @@ async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
             rate = webhook_drain * share;
         }
         let rate = rate.max(10.0);
-        let last = !capped;
         let env = email_envelope(0);
         let meter = procs::Meter::start(&[]);
         let rtt_target =
@@ -652,7 +652,7 @@ async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
         }
         rep.cpu(format!("end to end at {rate:.0}/s"), e2e.cpu.clone());
         rep.e2e.push((rtt, e2e));
-        if last {
+        if !capped {
             break;
         }
     }

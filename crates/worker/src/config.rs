@@ -2,6 +2,10 @@ use notify_types::config::{self as cfg, ConfigError, Source};
 use notify_types::{Channel, Topology};
 use std::time::Duration;
 
+/// Deliveries at once per channel unless `WORKER_CONCURRENCY` says otherwise (the benchmark
+/// derives its raw consumer's prefetch from it).
+pub const DEFAULT_CONCURRENCY: u64 = 128;
+
 /// Settings of the worker, read once at start.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -63,7 +67,7 @@ impl WorkerConfig {
         if channels.is_empty() {
             return Err(ConfigError::new("WORKER_CHANNELS", "needs at least one channel"));
         }
-        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", 128, 1, 10_000)? as usize;
+        let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", DEFAULT_CONCURRENCY, 1, 10_000)? as usize;
         Ok(WorkerConfig {
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
             topology: cfg::topology(src)?,

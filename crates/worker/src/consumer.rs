@@ -77,7 +77,6 @@ impl Worker {
         config.topology.event_routes = routes.bindings();
         let deliverer = Deliverer {
             gate: tokio::sync::RwLock::new(()),
-            email_slots: Semaphore::new(config.smtp_pool_size as usize),
             crash_limit: config.crash_limit,
             email,
             webhook,

@@ -2,7 +2,7 @@
 //! caught and count as a failed attempt, so one bad message cannot take the process down.
 
 use crate::{
-    channels::{email::EmailSender, webhook::WebhookSender},
+    channels::{email::EmailSender, smtp::Slot, webhook::WebhookSender},
     outcome::DeadReason,
     Outcome,
 };
@@ -15,11 +15,6 @@ pub struct Deliverer {
     /// Deliveries share it; a suspect (a redelivered message whose last delivery died mid-way)
     /// takes it alone, so if it crashes the process again, no other message is implicated.
     pub gate: tokio::sync::RwLock<()>,
-    /// One per pooled SMTP connection. An e-mail delivery takes one before it claims, so no
-    /// more e-mail deliveries are claimed than can be talking to the relay: one waiting for a
-    /// connection while claimed would be counted as dying mid-way if the process crashed.
-    /// Released when the send is done, before the outcome is recorded.
-    pub email_slots: tokio::sync::Semaphore,
     pub crash_limit: u32,
     pub email: EmailSender,
     pub webhook: WebhookSender,
@@ -32,8 +27,9 @@ impl Deliverer {
     /// Claims (notification, channel) in the send guard, then sends. `redelivered` is the
     /// broker's flag: only such a message can be a suspect.
     pub async fn deliver(&self, channel: Channel, env: &Envelope, attempt: u32, redelivered: bool) -> Outcome {
-        let _email_slot = match channel {
-            Channel::Email => Some(self.email_slots.acquire().await.expect("never closed")),
+        // Before the claim; released when the send is done, before the outcome is recorded.
+        let email_slot = match channel {
+            Channel::Email => Some(self.email.reserve().await),
             _ => None,
         };
         let suspect = redelivered && self.unfinished(channel, env).await;
@@ -67,7 +63,7 @@ impl Deliverer {
             Ok(Claim::AlreadyDelivered) => return Outcome::AlreadyDelivered,
             Err(e) => return defer(e),
         }
-        match AssertUnwindSafe(self.send(channel, env)).catch_unwind().await {
+        match AssertUnwindSafe(self.send(channel, env, email_slot.as_ref())).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(panic) => {
                 let what = panic
@@ -117,7 +113,7 @@ impl Deliverer {
         result
     }
 
-    async fn send(&self, channel: Channel, env: &Envelope) -> Outcome {
+    async fn send(&self, channel: Channel, env: &Envelope, email_slot: Option<&Slot<'_>>) -> Outcome {
         if let Some(panic) = env.payload.get("__notify_test_panic").and_then(|v| v.as_str()) {
             // Lets the fault tests prove that a panicking delivery is contained; inert unless
             // the worker runs with NOTIFY_ALLOW_TEST_PANIC set.
@@ -133,7 +129,7 @@ impl Deliverer {
         }
         match (env.kind, channel) {
             (Kind::Direct, Channel::Email) => match parse::<EmailMessage>(env) {
-                Ok(msg) => self.email.send(env, &msg).await,
+                Ok(msg) => self.email.send(email_slot.expect(EMAIL_SLOT), env, &msg).await,
                 Err(o) => o,
             },
             (Kind::Direct, Channel::Webhook) => match parse::<WebhookMessage>(env) {
@@ -147,11 +143,11 @@ impl Deliverer {
                 Ok(msg) => self.inbox(env, msg).await,
                 Err(o) => o,
             },
-            (Kind::Event, channel) => self.send_event(channel, env).await,
+            (Kind::Event, channel) => self.send_event(channel, env, email_slot).await,
         }
     }
 
-    async fn send_event(&self, channel: Channel, env: &Envelope) -> Outcome {
+    async fn send_event(&self, channel: Channel, env: &Envelope, email_slot: Option<&Slot<'_>>) -> Outcome {
         let Some(event) = env.event.as_deref() else {
             return Outcome::dead("event envelope without an event name");
         };
@@ -167,7 +163,7 @@ impl Deliverer {
             |e: String| Outcome::Dead { reason: DeadReason::Permanent, error: format!("template error: {e}") };
         match channel {
             Channel::Email => match self.routes.render_email(event, &ctx) {
-                Ok(msg) => self.email.send(env, &msg).await,
+                Ok(msg) => self.email.send(email_slot.expect(EMAIL_SLOT), env, &msg).await,
                 Err(e) => template_error(e),
             },
             Channel::InApp => match self.routes.render_in_app(event, &ctx) {
@@ -213,6 +209,8 @@ impl Deliverer {
         }
     }
 }
+
+const EMAIL_SLOT: &str = "deliver() reserves an SMTP slot for every e-mail";
 
 fn parse<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, Outcome> {
     serde_json::from_value(env.payload.clone()).map_err(|e| Outcome::dead(format!("payload is invalid: {e}")))

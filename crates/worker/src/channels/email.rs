@@ -1,6 +1,6 @@
 //! E-mail over SMTP: lettre builds the mail, [`SmtpPool`] sends it.
 
-use super::smtp::SmtpPool;
+use super::smtp::{Slot, SmtpPool};
 use crate::Outcome;
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
@@ -21,14 +21,19 @@ impl EmailSender {
         Ok(EmailSender { pool: Arc::new(pool), from: from.parse()? })
     }
 
-    /// Sends one e-mail. The `Message-ID` is derived from the notification id so a receiver
+    /// Waits for one of the SMTP pool's conversations (see [`Slot`]).
+    pub async fn reserve(&self) -> Slot<'_> {
+        self.pool.reserve().await
+    }
+
+    /// Sends one e-mail in the conversation `slot` reserved. The `Message-ID` is derived from the notification id so a receiver
     /// can drop the rare duplicate left by a crash between send and ack.
-    pub async fn send(&self, env: &Envelope, msg: &EmailMessage) -> Outcome {
+    pub async fn send(&self, slot: &Slot<'_>, env: &Envelope, msg: &EmailMessage) -> Outcome {
         let message = match self.build(env, msg) {
             Ok(m) => m,
             Err(e) => return Outcome::dead(e),
         };
-        match self.pool.send(message.envelope(), &message.formatted()).await {
+        match self.pool.send(slot, message.envelope(), &message.formatted()).await {
             Ok(_) => Outcome::Delivered,
             Err(e) if e.is_permanent() => Outcome::dead(format!("SMTP refused the mail: {e}")),
             Err(e) => Outcome::retry(format!("SMTP failed: {e}")),

@@ -33,7 +33,7 @@ use std::{
     sync::Mutex,
     time::{Duration, Instant},
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// A pooled connection idle for longer than this gets a `NOOP` before it carries a mail.
 const TEST_IDLE_AFTER: Duration = Duration::from_secs(2);
@@ -104,6 +104,11 @@ pub struct SmtpPool {
     slots: Semaphore,
 }
 
+/// The right to one of the pool's `size` conversations. A delivery takes it before it claims
+/// its send guard, so no more e-mail deliveries are claimed than can be talking to the relay
+/// (one claimed while waiting for a connection would count as dying mid-way in a crash).
+pub struct Slot<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
+
 impl SmtpPool {
     /// `smtp://[user:pass@]host[:port][/hello-name][?tls=required|opportunistic]` or `smtps://…`;
     /// the same forms, defaults and ports as lettre's `AsyncSmtpTransport::from_url`.
@@ -146,12 +151,16 @@ impl SmtpPool {
         })
     }
 
-    /// Sends one mail on a pooled connection (at most `size` conversations at once). A
+    /// Waits for one of the `size` conversations.
+    pub async fn reserve(&self) -> Slot<'_> {
+        Slot(self.slots.acquire().await.expect("the pool's semaphore is never closed"))
+    }
+
+    /// Sends one mail on a pooled connection, in the conversation `_slot` reserved. A
     /// connection that saw an error is closed, not returned. A reused connection that fails
     /// before the server took `MAIL FROM` (the relay closed it while it was idle) is replaced
     /// by a new one once: nothing of the mail was sent on it.
-    pub async fn send(&self, envelope: &Envelope, mail: &[u8]) -> Result<(), SmtpError> {
-        let _slot = self.slots.acquire().await.expect("the pool's semaphore is never closed");
+    pub async fn send(&self, _slot: &Slot<'_>, envelope: &Envelope, mail: &[u8]) -> Result<(), SmtpError> {
         let (mut conn, mut reused) = within(self.timeout, self.checkout()).await?;
         loop {
             match self.transaction(&mut conn, envelope, mail).await {
@@ -159,7 +168,7 @@ impl SmtpPool {
                     self.idle.lock().expect("pool lock").push((conn, Instant::now()));
                     return Ok(());
                 }
-                Err(Step::Mail(e)) if reused => {
+                Err(Step::Mail(e)) if reused && !matches!(e, SmtpError::Unsupported(_)) => {
                     tracing::debug!(error = %e, "pooled SMTP connection was closed; opening a new one");
                     (conn, reused) = (within(self.timeout, self.connect()).await?, false);
                 }
@@ -202,7 +211,7 @@ impl SmtpPool {
             let next = self.idle.lock().expect("pool lock").pop();
             let Some((mut conn, since)) = next else { break };
             let idle = since.elapsed();
-            if conn.has_broken() || idle > MAX_IDLE {
+            if idle > MAX_IDLE {
                 continue;
             }
             if idle < TEST_IDLE_AFTER || conn.test_connected().await {
