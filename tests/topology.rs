@@ -64,3 +64,37 @@ async fn a_queue_declared_with_other_arguments_stops_startup_naming_it() {
     rabbit::delete_topology(&conn, &topology).await;
     support::drop_schema(&s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_before_leader_placement_keep_working() {
+    let prefix = rabbit::unique_prefix("pre-locator");
+    let smtp = SmtpServer::start().await;
+    let s = settings(&prefix, &rabbit::rabbitmq_url(), &smtp.url());
+    let topology = notify_types::config::topology(&s).unwrap();
+    // The e-mail queue as an earlier notify declared it: quorum, same arguments, but no
+    // `x-queue-leader-locator` (RabbitMQ calls that inequivalent).
+    let conn = rabbit::connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = topology.queue_args(Channel::Email);
+    let before = args.inner().len();
+    let mut old = FieldTable::default();
+    for (k, v) in args.inner().iter().filter(|(k, _)| k.as_str() != "x-queue-leader-locator") {
+        old.insert(k.clone(), v.clone());
+    }
+    assert_eq!(old.inner().len() + 1, before, "this notify sets a leader locator");
+    args = old;
+    let queue = topology.queue(Channel::Email);
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .unwrap();
+
+    let api = TestApi::start(&s).await.expect("the API starts on the older queue");
+    let mut worker = TestWorker::start(&s).await.unwrap();
+    let res = api.post_json("/api/v1/notifications/email", &support::email("x@example.com", "s", "b")).await;
+    assert_eq!(res.status(), 202);
+    worker.next_reports(1, std::time::Duration::from_secs(30)).await;
+    worker.stop().await.unwrap();
+    api.stop().await;
+    rabbit::delete_topology(&conn, &topology).await;
+    support::drop_schema(&s).await;
+}

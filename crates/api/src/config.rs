@@ -8,11 +8,15 @@ pub struct ApiConfig {
     pub host: String,
     pub port: u16,
     pub rabbitmq_url: String,
+    /// Which node of `RABBITMQ_URL` to try first (`RABBITMQ_URL_ORDER`).
+    pub rabbitmq_url_order: notify_types::broker::UrlOrder,
     pub topology: Topology,
     /// Upper bound on publish + confirm; past it the caller gets 503.
     pub publish_timeout: Duration,
     /// Requests larger than this get 413 (far below the broker's own message limit).
     pub max_body_bytes: usize,
+    /// Time a client gets to send a request's headers, and then its body (408 past it).
+    pub request_timeout: Duration,
     /// Publishing channels shared by all requests (confirms are pipelined on each).
     pub publish_channels: usize,
     /// Whether the server handles SIGTERM/ctrl-c itself (the binary) or is stopped by its
@@ -28,7 +32,8 @@ pub struct ApiConfig {
     pub database_schema: String,
     /// Direct webhooks to private, loopback and link-local addresses are refused unless true.
     pub allow_private_webhooks: bool,
-    /// Bearer keys (`API_KEYS`, comma-separated). Empty: authentication is off.
+    /// Bearer keys (`API_KEYS`, comma-separated, each `name:key` or bare). Empty:
+    /// authentication is off.
     pub api_keys: crate::auth::ApiKeys,
 }
 
@@ -38,9 +43,11 @@ impl ApiConfig {
             host: cfg::string(src, "API_HOST", "0.0.0.0"),
             port: cfg::parse(src, "API_PORT", 9919u16)?,
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
+            rabbitmq_url_order: cfg::parse(src, "RABBITMQ_URL_ORDER", Default::default())?,
             topology: cfg::topology(src)?,
             publish_timeout: cfg::duration(src, "PUBLISH_TIMEOUT", Duration::from_secs(5))?,
             max_body_bytes: cfg::bounded(src, "API_MAX_BODY_BYTES", 256 * 1024, 1024, 16 * 1024 * 1024)? as usize,
+            request_timeout: cfg::duration(src, "API_REQUEST_TIMEOUT", Duration::from_secs(10))?,
             publish_channels: cfg::bounded(src, "API_PUBLISH_CHANNELS", 4, 1, 64)? as usize,
             handle_signals: true,
             http_workers: cfg::bounded(src, "API_HTTP_WORKERS", 0, 0, 256)? as usize,
@@ -48,7 +55,8 @@ impl ApiConfig {
             database_url: cfg::string(src, "DATABASE_URL", cfg::DEFAULT_DATABASE_URL),
             database_schema: cfg::string(src, "DATABASE_SCHEMA", "public"),
             allow_private_webhooks: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
-            api_keys: crate::auth::ApiKeys::parse(&cfg::string(src, "API_KEYS", "")),
+            api_keys: crate::auth::ApiKeys::parse(&cfg::string(src, "API_KEYS", ""))
+                .map_err(|m| ConfigError::new("API_KEYS", m))?,
         })
     }
 }

@@ -29,6 +29,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    #[error("the request body did not arrive within {}s", .0.as_secs_f64())]
+    RequestTimeout(Duration),
     #[error("{message}")]
     Unavailable { message: String, retry_after: Duration },
     #[error("internal error")]
@@ -69,6 +71,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Unavailable { .. } => "service_unavailable",
             ApiError::Unexpected(_) => "internal_error",
         }
@@ -99,6 +102,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +120,10 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if let ApiError::Unavailable { retry_after, .. } = self {
             res.insert_header(("Retry-After", retry_after.as_secs().max(1).to_string()));
+        }
+        if let ApiError::RequestTimeout(_) = self {
+            // The rest of the body may still be on its way: don't read it as the next request.
+            res.force_close();
         }
         res.json(body)
     }

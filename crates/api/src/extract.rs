@@ -1,12 +1,23 @@
-//! Reading a JSON request body with exact status codes: 415 for a non-JSON content type, 413
-//! past the size limit, 400 for malformed JSON, 422 naming the field for wrong types, unknown
-//! or invalid fields.
+//! Reading a JSON request body with exact status codes: 415 for a content type other than
+//! `application/json` or any `Content-Encoding`, 413 past the size limit, 408 when the body
+//! does not arrive in time, 400 for malformed JSON, 422 naming the field for wrong types,
+//! duplicate, unknown or invalid fields.
 
 use crate::error::{ApiError, FieldError};
 use actix_web::{http::header, web, HttpRequest};
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use std::{cell::RefCell, collections::HashSet, fmt, time::Duration};
 use validator::{Validate, ValidationErrors};
+
+/// How much of a body the API reads, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub bytes: usize,
+    /// From the handler's start to the body's last byte: a client that announces more than it
+    /// sends gets 408 instead of holding a connection forever.
+    pub timeout: Duration,
+}
 
 /// A parsed and validated request, with its JSON value (for the idempotency hash).
 pub struct Parsed<T> {
@@ -15,11 +26,18 @@ pub struct Parsed<T> {
 }
 
 /// Reads, parses and validates a JSON body into `T`.
-pub async fn json_body<T>(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Parsed<T>, ApiError>
+pub async fn json_body<T>(req: &HttpRequest, payload: web::Payload, limits: BodyLimits) -> Result<Parsed<T>, ApiError>
 where
     T: DeserializeOwned + Validate,
 {
     check_content_type(req)?;
+    let body = tokio::time::timeout(limits.timeout, read_body(req, payload, limits.bytes))
+        .await
+        .map_err(|_| ApiError::RequestTimeout(limits.timeout))??;
+    parse(&body)
+}
+
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     if let Some(len) =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
     {
@@ -35,7 +53,7 @@ where
         }
         body.extend_from_slice(&chunk);
     }
-    parse(&body)
+    Ok(body)
 }
 
 /// Parses and validates an in-memory body.
@@ -45,6 +63,9 @@ where
 {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    if let Some(field) = duplicate_key(body) {
+        return Err(ApiError::field(&field, "appears more than once in the object; send each field once"));
+    }
     let Some(object) = value.as_object() else {
         return Err(ApiError::field("", "the body must be a JSON object"));
     };
@@ -71,16 +92,100 @@ fn has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
+/// `application/json` only (parameters such as `charset=utf-8` allowed): other `+json` types
+/// promise semantics (JSON:API, problem details) this API does not have. The body must come
+/// as sent: no `Content-Encoding` is decoded, so one (other than `identity`) is refused
+/// rather than read as if it were plain.
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    for encoding in req.headers().get_all(header::CONTENT_ENCODING) {
+        let raw = String::from_utf8_lossy(encoding.as_bytes());
+        if !raw.split(',').all(|e| e.trim().eq_ignore_ascii_case("identity")) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding `{}` is not supported: send the body uncompressed",
+                raw.escape_debug()
+            )));
+        }
+    }
     let raw = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let is_json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
-    if is_json {
+    if essence == "application/json" {
         Ok(())
     } else if raw.is_empty() {
         Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none was sent)".into()))
     } else {
         Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not `{raw}`")))
+    }
+}
+
+/// The path (`to`, `payload.name`, `payload.items[2].id`) of the first key that appears twice
+/// in one object of a valid JSON document. serde_json keeps the last occurrence silently, while
+/// a gateway in front of us may read the first: both must see the same request.
+fn duplicate_key(body: &[u8]) -> Option<String> {
+    let found = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let _ = Dups { path: String::new(), found: &found }.deserialize(&mut de);
+    found.into_inner()
+}
+
+struct Dups<'a> {
+    path: String,
+    found: &'a RefCell<Option<String>>,
+}
+
+impl Dups<'_> {
+    fn child(&self, path: String) -> Dups<'_> {
+        Dups { path, found: self.found }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Dups<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Dups<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq.next_element_seed(self.child(format!("{}[{i}]", self.path)))?.is_some() {
+            i += 1;
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() { key.clone() } else { format!("{}.{key}", self.path) };
+            if !seen.insert(key) {
+                *self.found.borrow_mut() = Some(path);
+                return Err(de::Error::custom("duplicate key"));
+            }
+            map.next_value_seed(self.child(path))?;
+        }
+        Ok(())
     }
 }
 
@@ -106,4 +211,17 @@ pub fn field_errors(errors: &ValidationErrors) -> Vec<FieldError> {
         .collect();
     out.sort_by(|a, b| a.field.cmp(&b.field).then(a.message.cmp(&b.message)));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_keys_are_found_with_their_path() {
+        assert_eq!(duplicate_key(br#"{"to":"a@x.io","to":"b@x.io"}"#).as_deref(), Some("to"));
+        assert_eq!(duplicate_key(br#"{"payload":{"a":1,"b":{"c":1,"c":2}}}"#).as_deref(), Some("payload.b.c"));
+        assert_eq!(duplicate_key(br#"{"p":[{"a":1},{"a":1,"a":2}]}"#).as_deref(), Some("p[1].a"));
+        assert_eq!(duplicate_key(br#"{"a":{"x":1},"b":{"x":1},"c":[1,"s",null,true,1.5,-3]}"#), None);
+    }
 }

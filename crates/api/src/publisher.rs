@@ -2,19 +2,26 @@
 //!
 //! A small pool of confirm-mode channels on one connection is shared by every request; each
 //! request publishes and awaits only its own confirm, so confirms are pipelined instead of one
-//! request at a time per channel. A supervisor task keeps the connection up: it reconnects with
-//! backoff after broker loss and redeclares the topology.
+//! request at a time per channel. A supervisor task keeps the connection up: after broker loss
+//! it tries the other nodes of `RABBITMQ_URL` at once ([`Failover`]), then backs off, and
+//! redeclares the topology.
+//!
+//! A connection can stay open while every publish on it fails: after a node of a cluster died,
+//! a connection (or a load balancer's connection) can keep getting nacks or confirm timeouts
+//! although a fresh connection would succeed. So publishes count their failures in a row:
+//! [`FAILING_AFTER`] of them make the API unready, [`REPLACE_AFTER`] replace the connection, and
+//! while failing the supervisor probes the broker (a confirmed publish to the probe queue), so
+//! readiness comes back without waiting for a client to try.
 
 use futures_util::StreamExt;
 use lapin::{options::ConfirmSelectOptions, Connection};
 use notify_types::{
-    broker::{self, PublishError},
-    config::redact_url,
+    broker::{self, Failover, PublishError},
     Envelope, Topology, TopologyError,
 };
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -22,6 +29,12 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Nacks or confirm timeouts in a row that make the API unready (`/ready` 503).
+pub const FAILING_AFTER: u32 = 2;
+/// Nacks or confirm timeouts in a row after which the connection is replaced.
+pub const REPLACE_AFTER: u32 = 3;
+/// How often the supervisor probes the broker while publishes are failing.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -29,11 +42,16 @@ pub struct Publisher {
 }
 
 struct Inner {
-    url: String,
+    failover: tokio::sync::Mutex<Failover>,
+    /// The nodes, redacted, for logs.
+    nodes: String,
     topology: Topology,
     timeout: Duration,
     channels: usize,
     session: RwLock<Option<Arc<Session>>>,
+    /// Publishes (and probes) that failed in a row with a nack or a confirm timeout; reset by
+    /// a confirmed one.
+    failures: AtomicU32,
     shutdown: CancellationToken,
 }
 
@@ -54,6 +72,8 @@ struct Session {
 pub enum BrokerState {
     Connected,
     Blocked,
+    /// Connected, but the last publishes were nacked or not confirmed in time.
+    Failing,
     Disconnected,
 }
 
@@ -62,6 +82,7 @@ impl BrokerState {
         match self {
             BrokerState::Connected => "connected",
             BrokerState::Blocked => "blocked",
+            BrokerState::Failing => "publishes_failing",
             BrokerState::Disconnected => "disconnected",
         }
     }
@@ -71,24 +92,26 @@ impl Publisher {
     /// Connects, declares the topology and starts the supervisor. A topology mismatch is fatal
     /// (returned); an unreachable broker is not: the API starts unready and keeps trying.
     pub async fn start(
-        url: String,
+        failover: Failover,
         topology: Topology,
         timeout: Duration,
         channels: usize,
     ) -> Result<Publisher, TopologyError> {
         let inner = Arc::new(Inner {
-            url,
+            nodes: failover.describe(),
+            failover: tokio::sync::Mutex::new(failover),
             topology,
             timeout,
             channels,
             session: RwLock::new(None),
+            failures: AtomicU32::new(0),
             shutdown: CancellationToken::new(),
         });
         match inner.open_session().await {
             Ok(session) => *inner.session.write().unwrap() = Some(session),
             Err(SessionError::Topology(e)) => return Err(e),
             Err(SessionError::Broker(e)) => tracing::warn!(
-                broker = %redact_url(&inner.url),
+                broker = %inner.nodes,
                 error = %e,
                 "RabbitMQ is unreachable at start; the API answers 503 until it connects"
             ),
@@ -105,6 +128,7 @@ impl Publisher {
         match self.current() {
             None => BrokerState::Disconnected,
             Some(s) if s.conn.status().blocked() => BrokerState::Blocked,
+            Some(_) if self.inner.failures.load(Ordering::Relaxed) >= FAILING_AFTER => BrokerState::Failing,
             Some(_) => BrokerState::Connected,
         }
     }
@@ -139,10 +163,7 @@ impl Publisher {
             ) => result,
             _ = blocked => Err(PublishError::Blocked),
         };
-        if let Err(PublishError::Broker(e)) = &result {
-            tracing::warn!(error = %e, "publishing failed; reconnecting to RabbitMQ");
-            session.mark_broken();
-        }
+        self.inner.count(&session, &result);
         result
     }
 
@@ -161,6 +182,47 @@ enum SessionError {
     Broker(lapin::Error),
 }
 
+impl Inner {
+    /// Keeps the failure count of the publishes (and probes) on `session`, and replaces a
+    /// connection whose publishes keep failing.
+    fn count(&self, session: &Session, result: &Result<(), PublishError>) {
+        match result {
+            Ok(()) => {
+                if self.failures.swap(0, Ordering::Relaxed) >= FAILING_AFTER {
+                    tracing::info!("RabbitMQ confirms publishes again");
+                }
+            }
+            Err(PublishError::Nacked | PublishError::Timeout(_) | PublishError::NotConfirmed) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= REPLACE_AFTER && !session.broken.load(Ordering::Relaxed) {
+                    tracing::warn!(failures, "publishes keep failing on this connection; replacing it");
+                    session.mark_broken();
+                }
+            }
+            Err(PublishError::Broker(e)) => {
+                tracing::warn!(error = %e, "publishing failed; reconnecting to RabbitMQ");
+                session.mark_broken();
+            }
+            Err(PublishError::Blocked | PublishError::NotConnected | PublishError::Unroutable { .. }) => {}
+        }
+    }
+
+    /// One confirmed publish to the probe queue.
+    async fn probe(&self, session: &Session) -> Result<(), PublishError> {
+        let result = broker::publish_confirmed(
+            &session.channels[0],
+            &self.topology.exchange(),
+            Topology::PROBE_KEY,
+            b"probe",
+            lapin::BasicProperties::default(),
+            self.timeout,
+        )
+        .await;
+        self.count(session, &result);
+        result
+    }
+}
+
 impl Session {
     fn usable(&self) -> bool {
         !self.broken.load(Ordering::Relaxed) && self.conn.status().connected()
@@ -174,7 +236,8 @@ impl Session {
 
 impl Inner {
     async fn open_session(&self) -> Result<Arc<Session>, SessionError> {
-        let conn = broker::connect(&self.url, "notify-api", CONNECT_TIMEOUT).await.map_err(SessionError::Broker)?;
+        let (conn, node) =
+            self.failover.lock().await.connect("notify-api", CONNECT_TIMEOUT).await.map_err(SessionError::Broker)?;
         self.topology.declare(&conn).await.map_err(|e| match e {
             TopologyError::Broker { source, .. } => SessionError::Broker(source),
             mismatch => SessionError::Topology(mismatch),
@@ -185,7 +248,7 @@ impl Inner {
             ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Broker)?;
             channels.push(ch);
         }
-        tracing::info!(broker = %redact_url(&self.url), channels = channels.len(), "connected to RabbitMQ");
+        tracing::info!(broker = %node, channels = channels.len(), "connected to RabbitMQ");
         Ok(Arc::new(Session {
             conn,
             channels,
@@ -197,9 +260,9 @@ impl Inner {
     }
 }
 
-/// Keeps a session open: waits for the current one to die, then reconnects with backoff.
+/// Keeps a session open: waits for the current one to die, then reconnects: every node of
+/// `RABBITMQ_URL` at once, then again after a backoff.
 async fn supervise(inner: Arc<Inner>) {
-    let mut backoff = Duration::from_millis(200);
     loop {
         let current = inner.session.read().unwrap().clone();
         if let Some(session) = current {
@@ -210,7 +273,6 @@ async fn supervise(inner: Arc<Inner>) {
             tracing::warn!("lost the RabbitMQ connection; reconnecting");
             inner.session.write().unwrap().take();
             let _ = tokio::time::timeout(Duration::from_secs(1), session.conn.close(320, "reconnecting".into())).await;
-            backoff = Duration::from_millis(200);
         }
         if inner.shutdown.is_cancelled() {
             return;
@@ -227,17 +289,18 @@ async fn supervise(inner: Arc<Inner>) {
                 tracing::debug!(error = %e, "RabbitMQ still unreachable")
             }
         }
+        let backoff = inner.failover.lock().await.backoff();
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = inner.shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
 async fn wait_until_dead(inner: &Inner, session: &Session) {
     let mut events = session.conn.events_listener();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut probe = tokio::time::interval(PROBE_EVERY);
     loop {
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
@@ -258,6 +321,11 @@ async fn wait_until_dead(inner: &Inner, session: &Session) {
             _ = tick.tick() => {
                 if !session.usable() || session.channels.iter().any(|c| !c.status().connected()) {
                     return;
+                }
+            }
+            _ = probe.tick(), if inner.failures.load(Ordering::Relaxed) >= FAILING_AFTER => {
+                if let Err(e) = inner.probe(session).await {
+                    tracing::debug!(error = %e, "readiness probe failed");
                 }
             }
         }

@@ -5,6 +5,7 @@ use crate::{
 };
 use actix_web::{dev::Server, web, App, HttpServer};
 use notify_store::Store;
+use notify_types::broker::Failover;
 use notify_types::routes::Routes;
 use std::{net::TcpListener, sync::Arc};
 use tracing_actix_web::TracingLogger;
@@ -33,12 +34,16 @@ impl Application {
             // Only idempotency keys, status and the inbox need Postgres; accepting does not.
             tracing::warn!(error = %e, "cannot migrate the database at start; its endpoints answer 503 until it is reachable");
         }
-        let publisher =
-            Publisher::start(config.rabbitmq_url.clone(), topology, config.publish_timeout, config.publish_channels)
-                .await?;
+        let publisher = Publisher::start(
+            Failover::with_order(&config.rabbitmq_url, config.rabbitmq_url_order),
+            topology,
+            config.publish_timeout,
+            config.publish_channels,
+        )
+        .await?;
         let state = web::Data::new(AppState {
             publisher: publisher.clone(),
-            max_body_bytes: config.max_body_bytes,
+            body_limits: crate::extract::BodyLimits { bytes: config.max_body_bytes, timeout: config.request_timeout },
             routes,
             store: Some(store),
             allow_private_webhooks: config.allow_private_webhooks,
@@ -56,6 +61,8 @@ impl Application {
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
         })
+        // Headers get as long as a body (the handler bounds the body: 408 in the JSON shape).
+        .client_request_timeout(config.request_timeout)
         .listen(listener)?
         // In-flight requests get this long to finish after SIGTERM.
         .shutdown_timeout(25);

@@ -642,7 +642,10 @@ impl Store {
     /// - present with another hash → [`Begin::Mismatch`];
     /// - present, same hash, completed → [`Begin::Replay`];
     /// - present, same hash, pending → [`Begin::Pending`], except that a pending row older than
-    ///   [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`] (its owner crashed) is taken over → `Owner`.
+    ///   [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`] (its owner crashed) is taken over → `Owner`;
+    /// - present, same hash, failed (see [`Store::idempotency_abandon`]) → taken over → `Owner`.
+    ///
+    /// An owner asks [`Store::idempotency_notification`] for the id to publish under.
     pub async fn idempotency_begin(&self, key: &str, request_hash: &str) -> Result<Begin, StoreError> {
         let stale_secs = IDEMPOTENCY_PENDING_TAKEOVER_AFTER.as_secs_f64();
         // A few rounds: the row can vanish (abandoned) between our INSERT and SELECT.
@@ -680,6 +683,21 @@ impl Store {
             }
             if row.state == "completed" {
                 return replay_of(key, row.response_status, row.response_body);
+            }
+            if row.state == "failed" {
+                let taken = sqlx::query(
+                    "UPDATE idempotency_keys SET state = 'pending', created_at = now()
+                      WHERE key = $1 AND request_hash = $2 AND state = 'failed'",
+                )
+                .bind(key)
+                .bind(request_hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                if taken.rows_affected() == 1 {
+                    return Ok(Begin::Owner);
+                }
+                continue;
             }
             if row.stale {
                 let taken = sqlx::query(
@@ -729,10 +747,27 @@ impl Store {
         Ok(())
     }
 
-    /// The owner failed (e.g. broker down): deletes the pending row so a retry can go through.
-    /// A completed row is left alone.
+    /// The notification id of an owned key: the first owner's (`proposed` is stored if none
+    /// is yet). Every publish for one key goes out under this id, so however many times a
+    /// failed or crashed request is retried, the worker's send guard delivers it once.
+    pub async fn idempotency_notification(&self, key: &str, proposed: Uuid) -> Result<Uuid, StoreError> {
+        let row: Option<(Uuid,)> = sqlx::query_as(
+            "UPDATE idempotency_keys SET notification_id = COALESCE(notification_id, $2)
+              WHERE key = $1 RETURNING notification_id",
+        )
+        .bind(key)
+        .bind(proposed)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.map(|(id,)| id).ok_or_else(|| StoreError::Other(format!("idempotency key {key:?} vanished while owned")))
+    }
+
+    /// The owner failed (e.g. broker down): the key becomes `failed`, keeping its notification
+    /// id, so a retry with the same request becomes the owner and publishes under that id. A
+    /// completed row is left alone.
     pub async fn idempotency_abandon(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND state = 'pending'")
+        sqlx::query("UPDATE idempotency_keys SET state = 'failed' WHERE key = $1 AND state = 'pending'")
             .bind(key)
             .execute(&self.pool)
             .await
@@ -741,7 +776,7 @@ impl Store {
     }
 
     /// Polls (every ~20 ms, up to `timeout`) until a pending key completes →
-    /// `Some(Begin::Replay { .. })`; `None` on timeout or when the row is gone (abandoned).
+    /// `Some(Begin::Replay { .. })`; `None` on timeout, when the owner failed, or when the row is gone.
     pub async fn idempotency_wait(&self, key: &str, timeout: Duration) -> Result<Option<Begin>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -755,6 +790,7 @@ impl Store {
             .map_err(db_err)?;
             match row {
                 None => return Ok(None),
+                Some((state, _, _)) if state == "failed" => return Ok(None),
                 Some((state, status, body)) if state == "completed" => {
                     return replay_of(key, status, body).map(Some);
                 }

@@ -447,8 +447,30 @@ async fn idempotency_lifecycle() {
 
         // Purge.
         assert_eq!(s.idempotency_purge(Duration::from_secs(3600)).await.unwrap(), 0);
-        assert_eq!(s.idempotency_purge(Duration::ZERO).await.unwrap(), 1);
+        // Both keys: the completed one and the failed one (a failed key is kept with its id).
+        assert_eq!(s.idempotency_purge(Duration::ZERO).await.unwrap(), 2);
         assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Owner);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_keeps_its_notification_id_through_failures() {
+    with_store(4, |s| async move {
+        let (key, hash) = ("client-key-9", "c".repeat(64));
+        let first = Uuid::now_v7();
+        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_notification(key, first).await.unwrap(), first);
+        // The publish failed (503): the retry owns the key again and gets the first id back.
+        s.idempotency_abandon(key).await.unwrap();
+        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_notification(key, Uuid::now_v7()).await.unwrap(), first);
+        // Another request with the key is still another request.
+        s.idempotency_abandon(key).await.unwrap();
+        assert_eq!(s.idempotency_begin(key, &"d".repeat(64)).await.unwrap(), Begin::Mismatch);
+        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        s.idempotency_complete(key, 202, &json!({"id": first})).await.unwrap();
+        assert!(matches!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Replay { status: 202, .. }));
     })
     .await;
 }

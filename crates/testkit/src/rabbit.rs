@@ -127,8 +127,9 @@ pub async fn drain(conn: &Connection, queue: &str, max: usize) -> Vec<(BasicProp
 /// Deletes every queue of `topology` (all channels) and its exchange; missing ones are fine,
 /// so this also cleans up after a test that failed half-way.
 pub async fn delete_topology(conn: &Connection, topology: &Topology) {
-    for channel in Channel::ALL {
-        for queue in topology.queues(channel) {
+    let all = Channel::ALL.into_iter().flat_map(|c| topology.queues(c)).chain([topology.probe_queue()]);
+    {
+        for queue in all {
             let ch = open_channel(conn).await;
             match ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
                 Ok(_) => {

@@ -48,10 +48,8 @@ async fn counts_drains_and_deletes_a_topology() {
     assert_eq!(drain(&conn, &dead, 10).await.len(), 1, "stops when empty");
 
     delete_topology(&conn, &topology).await;
-    for channel in Channel::ALL {
-        for queue in topology.queues(channel) {
-            assert_eq!(message_count(&conn, &queue).await, None, "{queue}");
-        }
+    for queue in Channel::ALL.into_iter().flat_map(|c| topology.queues(c)).chain([topology.probe_queue()]) {
+        assert_eq!(message_count(&conn, &queue).await, None, "{queue}");
     }
     // Deleting again (e.g. cleanup after a half-failed test) is fine.
     delete_topology(&conn, &topology).await;

@@ -45,6 +45,111 @@ pub fn with_default_heartbeat(url: &str) -> String {
     format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
 }
 
+/// The URLs of a `RABBITMQ_URL` value: one, or several nodes of one cluster separated by commas.
+pub fn split_urls(raw: &str) -> Vec<String> {
+    raw.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
+}
+
+/// Where to connect next, for both binaries' reconnect loops: the nodes of `RABBITMQ_URL` in
+/// turn, the first one picked at random (so many clients spread over a cluster); after a loss
+/// the other nodes are tried at once, the lost one last; only when every node failed does the
+/// caller wait, for [`Failover::backoff`] (200 ms doubling to 5 s, reset by a connection).
+#[derive(Debug, Clone)]
+pub struct Failover {
+    urls: Vec<String>,
+    next: usize,
+    backoff: Duration,
+}
+
+/// First and longest wait between rounds of connection attempts.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Which node of `RABBITMQ_URL` a client connects to first (`RABBITMQ_URL_ORDER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UrlOrder {
+    /// A random one: many clients spread over the cluster. The default.
+    #[default]
+    Random,
+    /// The first listed (e.g. a node close by); the others only after it failed.
+    Listed,
+}
+
+impl std::str::FromStr for UrlOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "random" => Ok(UrlOrder::Random),
+            "listed" => Ok(UrlOrder::Listed),
+            other => Err(format!("unknown order `{other}` (expected random or listed)")),
+        }
+    }
+}
+
+impl Failover {
+    /// `list`: a `RABBITMQ_URL` value (validated by `config::amqp_url`), first node at random.
+    pub fn new(list: &str) -> Failover {
+        Failover::with_order(list, UrlOrder::Random)
+    }
+
+    pub fn with_order(list: &str, order: UrlOrder) -> Failover {
+        let urls = split_urls(list);
+        let next = match order {
+            UrlOrder::Random if urls.len() > 1 => rand::random_range(0..urls.len()),
+            _ => 0,
+        };
+        Failover { urls, next, backoff: BACKOFF_START }
+    }
+
+    /// Connects to the first node that answers, trying each once, starting with the next one in
+    /// turn. On success the node after it becomes the next, and the backoff is reset. The error
+    /// is the last node's; every failure is logged at debug with the node's redacted URL.
+    pub async fn connect(&mut self, name: &str, timeout: Duration) -> Result<(Connection, String), lapin::Error> {
+        let mut last = None;
+        for _ in 0..self.urls.len().max(1) {
+            let i = self.next % self.urls.len().max(1);
+            self.next = i + 1;
+            let url = self.urls.get(i).map(String::as_str).unwrap_or("");
+            match connect(url, name, timeout).await {
+                Ok(conn) => {
+                    self.backoff = BACKOFF_START;
+                    return Ok((conn, crate::config::redact_url(url)));
+                }
+                Err(e) => {
+                    tracing::debug!(broker = %crate::config::redact_url(url), error = %e, "RabbitMQ node unreachable");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))
+        }))
+    }
+
+    /// A second connection, to the node of the last one if it answers (else the round goes on):
+    /// a client whose connections sit on one node is disturbed only by that node's loss.
+    pub async fn connect_beside(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(Connection, String), lapin::Error> {
+        self.next = self.next.checked_sub(1).unwrap_or(self.urls.len().saturating_sub(1));
+        self.connect(name, timeout).await
+    }
+
+    /// How long to wait before the next round, doubling each time it is asked.
+    pub fn backoff(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        wait
+    }
+
+    /// The nodes, passwords redacted, for logs.
+    pub fn describe(&self) -> String {
+        crate::config::redact_url(&self.urls.join(","))
+    }
+}
+
 /// Opens a connection named `name` (shown in the management UI), bounded by `timeout`.
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<Connection, lapin::Error> {
     let url = with_default_heartbeat(url);
@@ -137,6 +242,31 @@ pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failover_tries_every_node_in_turn_from_a_random_one() {
+        let list = "amqp://a:1/%2f, amqp://b:2/%2f ,amqp://c:3/%2f";
+        assert_eq!(split_urls(list), ["amqp://a:1/%2f", "amqp://b:2/%2f", "amqp://c:3/%2f"]);
+        let starts: std::collections::HashSet<usize> = (0..64).map(|_| Failover::new(list).next).collect();
+        assert_eq!(starts.len(), 3, "clients spread over the nodes");
+        assert!((0..16).all(|_| Failover::with_order(list, UrlOrder::Listed).next == 0));
+        assert_eq!("Listed".parse::<UrlOrder>(), Ok(UrlOrder::Listed));
+        assert!("first".parse::<UrlOrder>().is_err());
+        let mut f = Failover::new(list);
+        let waits: Vec<u128> = (0..7).map(|_| f.backoff().as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[tokio::test]
+    async fn failover_reaches_the_node_that_answers() {
+        // Two closed ports: every node is tried once, each refused at once, and the round ends.
+        let dead = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (d1, d2) = (dead(), dead());
+        let mut f = Failover::new(&format!("amqp://127.0.0.1:{d1}/%2f,amqp://127.0.0.1:{d2}/%2f"));
+        let started = std::time::Instant::now();
+        assert!(f.connect("t", Duration::from_secs(2)).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(2), "refused nodes fail fast");
+    }
 
     #[test]
     fn heartbeat_is_added_only_when_missing() {

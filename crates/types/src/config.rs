@@ -95,14 +95,33 @@ pub fn durations(src: &dyn Source, key: &str, default: &str) -> Result<Vec<Durat
     Ok(out)
 }
 
-/// An AMQP URL, checked for its scheme.
+/// `RABBITMQ_URL`: one AMQP URL, or several of one cluster separated by commas. Each is checked
+/// for its scheme and form; all must name the same virtual host (they are one broker).
 pub fn amqp_url(src: &dyn Source, key: &str, default: &str) -> Result<String, ConfigError> {
-    let url = string(src, key, default);
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(ConfigError::new(key, format!("`{}` must start with amqp:// or amqps://", redact_url(&url))));
+    let raw = string(src, key, default);
+    let urls = crate::broker::split_urls(&raw);
+    if urls.is_empty() {
+        return Err(ConfigError::new(key, "needs at least one amqp:// or amqps:// URL"));
     }
-    url::Url::parse(&url).map_err(|e| ConfigError::new(key, format!("not a URL: {e}")))?;
-    Ok(url)
+    let mut vhost: Option<String> = None;
+    for url in &urls {
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(ConfigError::new(key, format!("`{}` must start with amqp:// or amqps://", redact_url(url))));
+        }
+        let parsed = url::Url::parse(url)
+            .map_err(|e| ConfigError::new(key, format!("`{}` is not a URL: {e}", redact_url(url))))?;
+        let this = parsed.path().to_string();
+        match &vhost {
+            Some(first) if *first != this => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("all URLs must name the same virtual host (one cluster); `{}` differs", redact_url(url)),
+                ))
+            }
+            _ => vhost = Some(this),
+        }
+    }
+    Ok(urls.join(","))
 }
 
 /// A resource-name prefix: letters, digits, `-`, `_`, `.`.
@@ -114,8 +133,12 @@ pub fn prefix(src: &dyn Source, key: &str, default: &str) -> Result<String, Conf
     Ok(p)
 }
 
-/// A URL with its password replaced by `***`, for logs and error messages.
+/// A URL (or a comma-separated list of them) with passwords replaced by `***`, for logs and
+/// error messages.
 pub fn redact_url(raw: &str) -> String {
+    if raw.contains(',') {
+        return crate::broker::split_urls(raw).iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(",");
+    }
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -159,6 +182,20 @@ mod tests {
         assert!(e.to_string().contains("RETRY_SCHEDULE") && e.to_string().contains("soon"), "{e}");
         let e = bounded(&src(&[("X", "0")]), "X", 1, 1, 10).unwrap_err();
         assert!(e.to_string().contains("out of range"));
+    }
+
+    #[test]
+    fn rabbitmq_url_takes_a_list_of_one_clusters_nodes() {
+        let list = "amqp://u:pw@n1:5672/v, amqp://u:pw@n2:5673/v";
+        let got = amqp_url(&src(&[("RABBITMQ_URL", list)]), "RABBITMQ_URL", "").unwrap();
+        assert_eq!(got, "amqp://u:pw@n1:5672/v,amqp://u:pw@n2:5673/v");
+        assert_eq!(redact_url(&got), "amqp://u:***@n1:5672/v,amqp://u:***@n2:5673/v");
+        let e =
+            amqp_url(&src(&[("RABBITMQ_URL", "amqp://u:pw@n1/v,amqp://u:pw@n2/w")]), "RABBITMQ_URL", "").unwrap_err();
+        assert!(e.to_string().contains("same virtual host") && !e.to_string().contains("pw@"), "{e}");
+        let e = amqp_url(&src(&[("RABBITMQ_URL", "amqp://n1/v,http://n2/v")]), "RABBITMQ_URL", "").unwrap_err();
+        assert!(e.to_string().contains("http://n2"), "{e}");
+        assert!(amqp_url(&src(&[("RABBITMQ_URL", " , ")]), "RABBITMQ_URL", "").is_err());
     }
 
     #[test]

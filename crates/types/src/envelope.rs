@@ -20,6 +20,9 @@ pub struct Envelope {
     pub created_at: DateTime<Utc>,
     /// The API's request id: links the logs of both binaries.
     pub correlation_id: String,
+    /// Who sent it: the name of the API key the request was authenticated with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
     pub payload: serde_json::Value,
 }
 
@@ -62,8 +65,15 @@ impl Envelope {
             channel: Some(channel),
             created_at: Utc::now(),
             correlation_id,
+            producer: None,
             payload,
         }
+    }
+
+    /// The same envelope, marked as sent by `producer`.
+    pub fn with_producer(mut self, producer: &str) -> Self {
+        self.producer = Some(producer.to_string());
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -132,6 +142,7 @@ impl Envelope {
             channel: None,
             created_at: Utc::now(),
             correlation_id,
+            producer: None,
             payload: serde_json::to_value(payload).expect("an event payload always serializes"),
         }
     }

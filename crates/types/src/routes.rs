@@ -240,7 +240,21 @@ fn new_env() -> Environment<'static> {
     let mut env = Environment::new();
     // A template that uses a field the event lacks is an error, not an empty string in a mail.
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.add_filter("http_url", http_url);
     env
+}
+
+/// `{{ link | http_url }}`: the value when it is an absolute http or https URL, else a render
+/// error (the delivery is dead-lettered with it). Links built from a payload go through it, so a
+/// `javascript:` or `data:` URL never becomes an `href` in a mail.
+fn http_url(value: String) -> Result<String, minijinja::Error> {
+    match url::Url::parse(&value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(value),
+        _ => Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("`{}` is not an http or https URL", value.chars().take(100).collect::<String>().escape_debug()),
+        )),
+    }
 }
 
 /// `.html` names get HTML auto-escaping; the others are plain text.
@@ -356,5 +370,17 @@ mod shipped_file {
             "payload": {"email": "ann@example.com", "name": "Ann", "reset_link": "https://x/r"}});
         assert_eq!(r.render_email("user.registered", &ctx).unwrap().subject, "Welcome to notify, Ann!");
         assert!(r.render_email("password.reset", &ctx).unwrap().body.contains("https://x/r"));
+    }
+
+    #[test]
+    fn shipped_links_are_http_only() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/routes.toml");
+        let r = super::Routes::load(path).unwrap();
+        for bad in ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,x", "/relative", "http://"] {
+            let ctx = serde_json::json!({"id": "1", "event": "password.reset", "user_target": "u1",
+                "payload": {"email": "ann@example.com", "reset_link": bad}});
+            let e = r.render_email("password.reset", &ctx).unwrap_err();
+            assert!(e.contains("not an http or https URL"), "{bad}: {e}");
+        }
     }
 }

@@ -144,7 +144,29 @@ impl Topology {
     fn base_args(&self) -> FieldTable {
         let mut t = FieldTable::default();
         t.insert("x-queue-type".into(), long_str(self.queue_type.as_str()));
+        if self.queue_type == QueueType::Quorum {
+            // Spread leaders over a cluster's nodes instead of placing every one on the node of
+            // whichever client declared first (RabbitMQ 3.10+ and 4.x). A queue declared
+            // before this argument existed keeps its place: see `declare_queue`.
+            t.insert(LEADER_LOCATOR.into(), long_str("balanced"));
+        }
         t
+    }
+
+    /// The readiness probe's queue: while the API's publishes keep failing it publishes a probe
+    /// message here (confirmed), so it learns that the broker accepts again without waiting
+    /// for a client's request. It holds at most one message.
+    pub fn probe_queue(&self) -> String {
+        format!("{}.probe", self.prefix)
+    }
+
+    /// Routing key of the readiness probe.
+    pub const PROBE_KEY: &'static str = "probe";
+
+    fn probe_args(&self) -> FieldTable {
+        let mut args = self.base_args();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+        args
     }
 
     fn dead_letter_to(&self, args: &mut FieldTable, target_queue: &str) {
@@ -184,7 +206,7 @@ impl Topology {
     pub async fn declare(&self, conn: &lapin::Connection) -> Result<(), TopologyError> {
         // A failed declaration closes its channel, so each step gets a fresh one when needed.
         let exchange = self.exchange();
-        let ch = conn.create_channel().await.map_err(|e| broker(&exchange, e))?;
+        let mut ch = conn.create_channel().await.map_err(|e| broker(&exchange, e))?;
         ch.exchange_declare(
             exchange.as_str().into(),
             ExchangeKind::Topic,
@@ -195,12 +217,12 @@ impl Topology {
         .map_err(|e| broker(&exchange, e))?;
 
         for channel in Channel::ALL {
-            declare_queue(conn, &ch, &self.dead_queue(channel), self.dead_args()).await?;
+            declare_queue(conn, &mut ch, &self.dead_queue(channel), self.dead_args()).await?;
             let queue = self.queue(channel);
-            declare_queue(conn, &ch, &queue, self.queue_args(channel)).await?;
+            declare_queue(conn, &mut ch, &queue, self.queue_args(channel)).await?;
             for delay in dedup(&self.retry_delays) {
                 let name = self.retry_queue(channel, delay);
-                declare_queue(conn, &ch, &name, self.retry_args(channel, delay)).await?;
+                declare_queue(conn, &mut ch, &name, self.retry_args(channel, delay)).await?;
             }
             let mut keys = vec![Self::direct_key(channel)];
             keys.extend(
@@ -218,6 +240,17 @@ impl Topology {
                 .map_err(|e| broker(&queue, e))?;
             }
         }
+        let probe = self.probe_queue();
+        declare_queue(conn, &mut ch, &probe, self.probe_args()).await?;
+        ch.queue_bind(
+            probe.as_str().into(),
+            exchange.as_str().into(),
+            Self::PROBE_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| broker(&probe, e))?;
         let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
     }
@@ -233,24 +266,40 @@ fn dedup(delays: &[Duration]) -> Vec<Duration> {
     out
 }
 
+const LEADER_LOCATOR: &str = "x-queue-leader-locator";
+
+/// Declares one queue. A queue declared before notify set a leader locator differs only in
+/// that argument (RabbitMQ refuses it as inequivalent): it is declared again without it, on a
+/// fresh channel (the refusal closed `ch`), and keeps its place.
 async fn declare_queue(
     conn: &lapin::Connection,
-    ch: &lapin::Channel,
+    ch: &mut lapin::Channel,
     name: &str,
-    args: FieldTable,
+    mut args: FieldTable,
 ) -> Result<(), TopologyError> {
-    let result = ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let _ = conn; // the connection stays usable; only this channel is closed
-            match e.kind() {
-                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
-                    Err(TopologyError::Mismatch { queue: name.to_string(), detail: amqp.get_message().to_string() })
-                }
-                _ => Err(broker(name, e)),
-            }
+    loop {
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        let Err(e) = ch.queue_declare(name.into(), options, args.clone()).await else {
+            return Ok(());
+        };
+        let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+            return Err(broker(name, e));
+        };
+        if amqp.get_id() != 406 {
+            return Err(broker(name, e));
         }
+        let detail = amqp.get_message().to_string();
+        let has_locator = args.inner().contains_key(LEADER_LOCATOR);
+        if !(has_locator && detail.contains(LEADER_LOCATOR)) {
+            return Err(TopologyError::Mismatch { queue: name.to_string(), detail });
+        }
+        tracing::debug!(queue = name, "declared before notify chose leader placement; keeping its place");
+        let mut without = FieldTable::default();
+        for (k, v) in args.inner().iter().filter(|(k, _)| k.as_str() != LEADER_LOCATOR) {
+            without.insert(k.clone(), v.clone());
+        }
+        args = without;
+        *ch = conn.create_channel().await.map_err(|e| broker(name, e))?;
     }
 }
 

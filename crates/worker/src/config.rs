@@ -10,6 +10,8 @@ pub const DEFAULT_CONCURRENCY: u64 = 128;
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub rabbitmq_url: String,
+    /// Which node of `RABBITMQ_URL` to try first (`RABBITMQ_URL_ORDER`).
+    pub rabbitmq_url_order: notify_types::broker::UrlOrder,
     pub topology: Topology,
     pub smtp_url: String,
     pub email_from: String,
@@ -70,6 +72,7 @@ impl WorkerConfig {
         let concurrency = cfg::bounded(src, "WORKER_CONCURRENCY", DEFAULT_CONCURRENCY, 1, 10_000)? as usize;
         Ok(WorkerConfig {
             rabbitmq_url: cfg::amqp_url(src, "RABBITMQ_URL", cfg::DEFAULT_RABBITMQ_URL)?,
+            rabbitmq_url_order: cfg::parse(src, "RABBITMQ_URL_ORDER", Default::default())?,
             topology: cfg::topology(src)?,
             smtp_url,
             email_from,

@@ -18,8 +18,7 @@ use lapin::{
 };
 use notify_store::Store;
 use notify_types::{
-    broker::{self, header_u32},
-    config::redact_url,
+    broker::{header_u32, Failover},
     headers,
     routes::Routes,
     Channel, Envelope, TopologyError,
@@ -107,21 +106,21 @@ impl Worker {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        let mut backoff = Duration::from_millis(200);
-        let url = redact_url(&self.config.rabbitmq_url);
+        // Every node of RABBITMQ_URL in turn: after a loss the others at once, then a backoff.
+        let mut failover = Failover::with_order(&self.config.rabbitmq_url, self.config.rabbitmq_url_order);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let conn = match broker::connect(&self.config.rabbitmq_url, "notify-worker", CONNECT_TIMEOUT).await {
+            let (conn, url) = match failover.connect("notify-worker", CONNECT_TIMEOUT).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(broker = %url, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach RabbitMQ");
+                    let backoff = failover.backoff();
+                    tracing::warn!(broker = %failover.describe(), error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach RabbitMQ");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => return Ok(()),
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -136,9 +135,8 @@ impl Worker {
                     continue;
                 }
             }
-            backoff = Duration::from_millis(200);
             tracing::info!(broker = %url, channels = ?self.config.channels, "connected; consuming");
-            match self.consume(&conn, &shutdown).await {
+            match self.consume(&conn, &mut failover, &shutdown).await {
                 Ok(SessionEnd::Stopped) => {
                     let _ = conn.close(200, "worker shutting down".into()).await;
                     let batched = self.deliverer.store.group_commit_stats();
@@ -158,11 +156,17 @@ impl Worker {
         }
     }
 
-    async fn consume(&self, conn: &Connection, shutdown: &CancellationToken) -> Result<SessionEnd, lapin::Error> {
+    async fn consume(
+        &self,
+        conn: &Connection,
+        failover: &mut Failover,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, lapin::Error> {
         // Retries and dead letters are published on a connection of their own: during a
         // resource alarm RabbitMQ stops reading from connections that publish, and acks on the
-        // consuming connection must keep flowing so the worker keeps draining.
-        let pub_conn = broker::connect(&self.config.rabbitmq_url, "notify-worker-publish", CONNECT_TIMEOUT).await?;
+        // consuming connection must keep flowing so the worker keeps draining. It goes to the
+        // same node, so only that node's loss ends the session.
+        let (pub_conn, _) = failover.connect_beside("notify-worker-publish", CONNECT_TIMEOUT).await?;
         let end = self.consume_with(conn, &pub_conn, shutdown).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), pub_conn.close(200, "worker session ended".into())).await;
         end
@@ -308,6 +312,7 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
         %channel,
         attempt,
         correlation_id = %env.correlation_id,
+        producer = env.producer.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );
     async {

@@ -2,8 +2,9 @@
 //! `Idempotency-Key`, answer a repeated request with the first 202 without publishing again.
 
 use super::AppState;
+use crate::auth::Producer;
 use crate::error::ApiError;
-use actix_web::{http::StatusCode, HttpRequest, HttpResponse};
+use actix_web::{http::StatusCode, HttpMessage, HttpRequest, HttpResponse};
 use notify_store::Begin;
 use notify_types::{broker::PublishError, Envelope};
 use sha2::{Digest, Sha256};
@@ -23,12 +24,16 @@ pub async fn accept(
     state: &AppState,
     req: &HttpRequest,
     request: &serde_json::Value,
-    a: Accept,
+    mut a: Accept,
 ) -> Result<HttpResponse, ApiError> {
+    let producer = req.extensions().get::<Producer>().cloned().unwrap_or_else(Producer::anonymous);
+    a.env.producer = Some(producer.0.clone());
     let Some(key) = idempotency_key(req)? else {
         publish(state, &a.env, &a.routing_key).await?;
         return Ok(accepted(&a.env, a.body));
     };
+    // Keys are scoped to the producer: another API key's `k` is another key (names hold no `:`).
+    let key = format!("{}:{key}", producer.0);
     let store = state.store()?;
     // Canonical JSON (sorted keys) of path + body: the same request in other whitespace or key
     // order is the same request.
@@ -36,16 +41,23 @@ pub async fn accept(
     for _ in 0..3 {
         match store.idempotency_begin(&key, &hash).await? {
             Begin::Owner => {
-                if let Err(e) = publish(state, &a.env, &a.routing_key).await {
-                    // Nothing was accepted: free the key so the caller's retry can go through.
-                    if let Err(e) = store.idempotency_abandon(&key).await {
-                        tracing::warn!(error = %e, "could not release an idempotency key");
+                // The key's notification id: this request's, or the one an earlier attempt with
+                // this key (a 503, a crash) may have published after all.
+                let id = match store.idempotency_notification(&key, a.env.id).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        release(store, &key).await;
+                        return Err(e.into());
                     }
+                };
+                a.set_id(id);
+                if let Err(e) = publish(state, &a.env, &a.routing_key).await {
+                    // Not accepted: the key keeps its id, and the caller's retry publishes
+                    // under it.
+                    release(store, &key).await;
                     return Err(e);
                 }
-                if let Err(e) = store.idempotency_complete(&key, 202, &a.body).await {
-                    tracing::error!(error = %e, id = %a.env.id, "accepted, but the idempotency record was not saved");
-                }
+                complete(store, &key, &a).await;
                 return Ok(accepted(&a.env, a.body));
             }
             Begin::Replay { status, body } => return Ok(replay(status, body)),
@@ -64,6 +76,41 @@ pub async fn accept(
         }
     }
     Err(ApiError::Conflict("a request with this Idempotency-Key is still in progress; retry later".into()))
+}
+
+impl Accept {
+    /// Publishes under `id` (an idempotency key's), in the envelope and the 202 body.
+    fn set_id(&mut self, id: uuid::Uuid) {
+        self.env.id = id;
+        for field in ["id", "event_id"] {
+            if let Some(v) = self.body.get_mut(field) {
+                *v = serde_json::json!(id);
+            }
+        }
+    }
+}
+
+async fn release(store: &notify_store::Store, key: &str) {
+    if let Err(e) = store.idempotency_abandon(key).await {
+        tracing::warn!(error = %e, "could not release an idempotency key; it is retried after the takeover time");
+    }
+}
+
+/// Saves the 202 for the key, retrying a little: a key left pending is taken over after a
+/// minute and published again (under the same id, which the send guard delivers once).
+async fn complete(store: &notify_store::Store, key: &str, a: &Accept) {
+    for wait in [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)] {
+        match store.idempotency_complete(key, 202, &a.body).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, id = %a.env.id, "accepted, but saving the idempotency record failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    if let Err(e) = store.idempotency_complete(key, 202, &a.body).await {
+        tracing::error!(error = %e, id = %a.env.id, "accepted, but the idempotency record was not saved");
+    }
 }
 
 fn accepted(env: &Envelope, body: serde_json::Value) -> HttpResponse {
@@ -96,7 +143,7 @@ pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Res
     let started = std::time::Instant::now();
     match state.publisher.publish(env, routing_key).await {
         Ok(()) => {
-            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
+            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, producer = env.producer.as_deref().unwrap_or("-"), routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
             Ok(())
         }
         Err(e @ PublishError::Unroutable { .. }) => {

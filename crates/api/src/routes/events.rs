@@ -35,7 +35,7 @@ pub async fn post_event(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let parsed: Parsed<EventRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let parsed: Parsed<EventRequest> = json_body(&req, payload, state.body_limits).await?;
     let b = parsed.body;
     let event = b.event.unwrap_or_default();
     if state.routes.channels(&event).is_none() {

@@ -15,7 +15,7 @@ pub use notifications::EmailRequest;
 /// What every handler can reach.
 pub struct AppState {
     pub publisher: Publisher,
-    pub max_body_bytes: usize,
+    pub body_limits: crate::extract::BodyLimits,
     pub routes: Arc<Routes>,
     pub store: Option<Store>,
     pub allow_private_webhooks: bool,

@@ -23,7 +23,8 @@ pub struct EmailRequest {
         required(message = "is required"),
         length(min = 3, max = 254, message = "must be between 3 and 254 characters"),
         email(message = "must be a valid e-mail address"),
-        custom(function = "single_line")
+        custom(function = "single_line"),
+        custom(function = "sendable_address")
     )]
     pub to: Option<String>,
     #[validate(
@@ -39,11 +40,27 @@ pub struct EmailRequest {
     pub html: Option<String>,
 }
 
+/// One line of text: no CR or LF, and no other control character (VT, FF, ESC, NUL, ...),
+/// since these values end up in mail headers, log lines and URLs.
 pub(super) fn single_line(value: &str) -> Result<(), ValidationError> {
     if value.contains(['\r', '\n']) {
         return Err(ValidationError::new("line_break").with_message("must not contain line breaks (CR or LF)".into()));
     }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        let message = format!("must not contain control characters (found U+{:04X})", c as u32);
+        return Err(ValidationError::new("control_character").with_message(message.into()));
+    }
     Ok(())
+}
+
+/// The worker parses recipients with lettre; what lettre refuses (e.g. a domain literal such as
+/// `x@[127.0.0.1]`) would be accepted here and dead there, so the API asks lettre too.
+fn sendable_address(value: &str) -> Result<(), ValidationError> {
+    match value.parse::<lettre::message::Mailbox>() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ValidationError::new("unsendable")
+            .with_message(format!("is not an address the mail server can be given: {e}").into())),
+    }
 }
 
 pub(super) fn not_blank(value: &str) -> Result<(), ValidationError> {
@@ -58,7 +75,7 @@ pub async fn send_email(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let parsed: Parsed<EmailRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let parsed: Parsed<EmailRequest> = json_body(&req, payload, state.body_limits).await?;
     let body = parsed.body;
     let message = EmailMessage {
         to: body.to.unwrap_or_default(),
@@ -88,7 +105,7 @@ pub async fn send_webhook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let parsed: Parsed<WebhookRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let parsed: Parsed<WebhookRequest> = json_body(&req, payload, state.body_limits).await?;
     let url = parsed.body.url.unwrap_or_default();
     notify_types::net::check_url_syntax(&url, state.allow_private_webhooks).map_err(|m| ApiError::field("url", m))?;
     let message = WebhookMessage { url, payload: parsed.body.payload.unwrap_or_default() };
@@ -126,7 +143,7 @@ pub async fn send_in_app(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let parsed: Parsed<InAppRequest> = json_body(&req, payload, state.max_body_bytes).await?;
+    let parsed: Parsed<InAppRequest> = json_body(&req, payload, state.body_limits).await?;
     let b = parsed.body;
     let message = InAppMessage {
         user: b.user.unwrap_or_default(),

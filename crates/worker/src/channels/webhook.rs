@@ -175,7 +175,7 @@ pub use notify_types::net::{check_url_syntax, is_forbidden_ip};
 
 /// A host name that resolved to an address [`is_forbidden_ip`] refuses.
 #[derive(Debug, thiserror::Error)]
-#[error("`{host}` resolves to {ip}, a loopback, private or link-local address")]
+#[error("`{host}` resolves to {ip}, a loopback, private or link-local address (not globally reachable; WEBHOOK_ALLOW_PRIVATE=true allows it)")]
 pub struct ForbiddenTarget {
     host: String,
     ip: IpAddr,
@@ -275,6 +275,17 @@ mod tests {
             "::127.0.0.1",
             "64:ff9b::10.0.0.1",
             "64:ff9b::7f00:1",
+            // Special-purpose blocks that are not globally reachable (IANA registries).
+            "2001:db8::1",
+            "fe00::1",
+            "198.18.0.1",
+            "192.0.0.1",
+            "240.0.0.1",
+            "192.0.2.1",
+            "100::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "3fff::1",
         ];
         for addr in forbidden {
             assert!(is_forbidden_ip(ip(addr)), "{addr} should be forbidden");
@@ -289,10 +300,10 @@ mod tests {
             "100.128.0.1",
             "11.0.0.1",
             "2606:4700::1111",
-            "2001:db8::1",
             "::ffff:8.8.8.8",
             "64:ff9b::8.8.8.8",
-            "fe00::1",
+            "2002:808:808::1",
+            "2a00:1450::1",
         ];
         for addr in allowed {
             assert!(!is_forbidden_ip(ip(addr)), "{addr} should be allowed");
