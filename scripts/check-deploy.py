@@ -3,8 +3,9 @@
 
     python3 scripts/check-deploy.py [REPO_ROOT]
 
-Checks docker-compose.yml (the stack a developer starts, and its `cluster` profile: three
-RabbitMQ nodes of one cluster, notify given all three), deploy/Dockerfile and, when present,
+Checks docker-compose.yml (the stack a developer starts, its webhook inspector that every notify
+service's ORDER_WEBHOOK_URL points at, and its `cluster` profile: three RabbitMQ nodes of one
+cluster, notify given all three), deploy/Dockerfile and, when present,
 deploy/k8s/ (the base, and every overlay under deploy/k8s/overlays rendered with
 `kubectl kustomize`: RabbitMQ cluster, KEDA, HPA, PodDisruptionBudgets, CloudNativePG) against
 what the design asks of them, plus that every setting the deploy files pass to the binaries is
@@ -253,6 +254,45 @@ def check_compose(documented: set[str]) -> None:
                   f"docker-compose.yml: {name} and {seen.get(port)} both publish host port {port}")
             seen.setdefault(port, name)
     check_compose_cluster(services)
+    check_compose_webhooks(services)
+
+
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def check_compose_webhooks(services: dict) -> None:
+    """The webhook inspector: every notify service (default and `cluster` profile) sends the
+    shipped order.completed webhook to it, and may (WEBHOOK_ALLOW_PRIVATE) since it is a
+    private address of the stack. The inspector (tarampampam/webhook-tester) records only paths
+    that start with a session UUID, created on first use with AUTO_CREATE_SESSIONS."""
+    where = "docker-compose.yml (webhook inspector)"
+    inspectors = {n: s or {} for n, s in services.items()
+                  if "webhook-tester" in str((s or {}).get("image", ""))}
+    if not check(len(inspectors) == 1,
+                 f"{where}: expected one webhook-tester service, found {sorted(inspectors)}"):
+        return
+    name, inspector = next(iter(inspectors.items()))
+    check(not inspector.get("profiles"), f"{where}: {name} must run without a profile")
+    check(8080 in container_ports(inspector.get("ports")),
+          f"{where}: {name} must publish its UI port 8080")
+    check(str(env_dict(inspector.get("environment")).get("AUTO_CREATE_SESSIONS", "")).lower() == "true",
+          f"{where}: {name} needs AUTO_CREATE_SESSIONS: \"true\" (else requests to a new session id get 404)")
+    notify = {n: s or {} for n, s in services.items() if notify_command(s)}
+    check(any(notify_command(s) == "notify-worker" for s in notify.values()),
+          f"{where}: no worker service")
+    for n, s in notify.items():
+        env = env_dict(s.get("environment"))
+        url = urlsplit(env.get("ORDER_WEBHOOK_URL", ""))
+        ok = check(url.scheme == "http" and url.hostname in (name, inspector.get("hostname"))
+                   and (url.port or 80) == 8080,
+                   f"{where}: {n}'s ORDER_WEBHOOK_URL must point at http://{name}:8080/<session uuid>, "
+                   f"found {env.get('ORDER_WEBHOOK_URL')!r}")
+        if ok:
+            check(UUID_RE.fullmatch(url.path.strip("/").split("/")[0]) is not None,
+                  f"{where}: {n}'s ORDER_WEBHOOK_URL path must start with a session UUID "
+                  f"(the inspector records nothing else), found {url.path!r}")
+        check(env.get("WEBHOOK_ALLOW_PRIVATE", "").lower() == "true",
+              f"{where}: {n} needs WEBHOOK_ALLOW_PRIVATE: \"true\" ({name} is a private address of the stack)")
 
 
 def check_compose_cluster(services: dict) -> None:
@@ -411,6 +451,8 @@ def check_k8s(documented: set[str]) -> None:
         for key in cm.get("data") or {}:
             check(key in documented,
                   f"deploy/k8s: ConfigMap key {key} is not documented in .env.example")
+        check(str((cm.get("data") or {}).get("WEBHOOK_ALLOW_PRIVATE", "false")).lower() != "true",
+              "deploy/k8s: ConfigMap sets WEBHOOK_ALLOW_PRIVATE=true (development only: compose)")
         for secret_key in ("RABBITMQ_URL", "DATABASE_URL", "SMTP_URL", "API_KEYS"):
             check(secret_key not in (cm.get("data") or {}),
                   f"deploy/k8s: {secret_key} belongs in the Secret, not the ConfigMap")

@@ -6,13 +6,16 @@
 //! - [`private_broker`]: a RabbitMQ node of a test's own, on its own ports, for fault tests that
 //!   must stop, crash or alarm a broker without touching the shared one;
 //! - [`private_cluster`]: a private 3-node RabbitMQ cluster (own ports, joined, quorum queues
-//!   replicated over all nodes) for failover tests, started once per test binary.
+//!   replicated over all nodes) for failover tests, started once per test binary;
+//! - [`mailcatcher`]: the SMTP server plus a web page to read the mails, for local runs
+//!   (binary `notify-mailcatcher`, started by `scripts/run`).
 //!
 //! How the private nodes are made, and the traps: this crate's README.md.
 //!
 //! Every wait here is bounded and ends in a panic (or error) that says what was last seen, so a
 //! failing test explains itself instead of hanging.
 
+pub mod mailcatcher;
 pub mod private_broker;
 pub mod private_cluster;
 pub mod rabbit;

@@ -58,11 +58,19 @@ impl State {
 impl SmtpServer {
     /// Starts a server on 127.0.0.1 with a free port that accepts every mail.
     pub async fn start() -> SmtpServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the test SMTP server to 127.0.0.1:0");
-        let addr = listener.local_addr().expect("address of the test SMTP server");
+        SmtpServer::start_on("127.0.0.1:0".parse().expect("a socket address"))
+            .await
+            .expect("binding the test SMTP server to 127.0.0.1:0")
+    }
+
+    /// Starts a server on `addr` (port 0: a free one) that accepts every mail; used by the
+    /// `notify-mailcatcher` binary, which listens on a fixed port.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<SmtpServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let state = Arc::new(watch::Sender::new(State::default()));
         let accept_task = tokio::spawn(session::accept_loop(listener, state.clone()));
-        SmtpServer { inner: Arc::new(Inner { addr, state, accept_task }) }
+        Ok(SmtpServer { inner: Arc::new(Inner { addr, state, accept_task }) })
     }
 
     pub fn addr(&self) -> SocketAddr {
