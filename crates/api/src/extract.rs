@@ -25,10 +25,19 @@ pub struct Parsed<T> {
     pub value: serde_json::Value,
 }
 
+/// The top-level fields a request body may have: any other is reported beside the invalid and
+/// missing ones, all in one 422.
+pub trait Fields {
+    const FIELDS: &'static [&'static str];
+}
+
+/// Unknown fields named one by one in a 422, at most; the rest are counted.
+const MAX_UNKNOWN_LISTED: usize = 20;
+
 /// Reads, parses and validates a JSON body into `T`.
 pub async fn json_body<T>(req: &HttpRequest, payload: web::Payload, limits: BodyLimits) -> Result<Parsed<T>, ApiError>
 where
-    T: DeserializeOwned + Validate,
+    T: DeserializeOwned + Validate + Fields,
 {
     check_content_type(req)?;
     let body = tokio::time::timeout(limits.timeout, read_body(req, payload, limits.bytes))
@@ -59,7 +68,7 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
 /// Parses and validates an in-memory body.
 pub fn parse<T>(body: &[u8]) -> Result<Parsed<T>, ApiError>
 where
-    T: DeserializeOwned + Validate,
+    T: DeserializeOwned + Validate + Fields,
 {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
@@ -72,13 +81,41 @@ where
     if let Some((field, _)) = object.iter().find(|(k, v)| k.contains('\0') || has_nul(v)) {
         return Err(ApiError::field(field, "must not contain NUL characters (\\u0000)"));
     }
-    let parsed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        ApiError::field(&field, clean_serde_message(&e.into_inner().to_string()))
-    })?;
-    parsed.validate().map_err(|e| ApiError::validation(field_errors(&e)))?;
-    Ok(Parsed { body: parsed, value })
+    // Unknown fields are set aside and reported with whatever else is wrong.
+    let (known, unknown): (Vec<_>, Vec<_>) = object.iter().partition(|(k, _)| T::FIELDS.contains(&k.as_str()));
+    let mut errors: Vec<FieldError> = unknown
+        .iter()
+        .take(MAX_UNKNOWN_LISTED)
+        .map(|(k, _)| FieldError {
+            field: k.to_string(),
+            message: format!("is not a field of this request (expected one of: {})", T::FIELDS.join(", ")),
+        })
+        .collect();
+    if unknown.len() > MAX_UNKNOWN_LISTED {
+        errors.push(FieldError {
+            field: String::new(),
+            message: format!("and {} more unknown fields", unknown.len() - MAX_UNKNOWN_LISTED),
+        });
+    }
+    let known = serde_json::Value::Object(known.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(known);
+    match parsed {
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            errors.push(FieldError { field, message: clean_serde_message(&e.into_inner().to_string()) });
+        }
+        Ok(parsed) => {
+            if let Err(e) = parsed.validate() {
+                errors.extend(field_errors(&e));
+            }
+            if errors.is_empty() {
+                return Ok(Parsed { body: parsed, value });
+            }
+        }
+    }
+    errors.sort_by(|a, b| a.field.cmp(&b.field).then(a.message.cmp(&b.message)));
+    Err(ApiError::validation(errors))
 }
 
 /// Whether a string (or key) anywhere in `value` holds a NUL: Postgres cannot store one in text
@@ -216,6 +253,21 @@ pub fn field_errors(errors: &ValidationErrors) -> Vec<FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_422_lists_unknown_invalid_and_missing_fields_at_once() {
+        let body = br#"{"to": "not-an-address", "subjct": "hi", "extra": 1}"#;
+        let Err(ApiError::Validation { fields, .. }) = parse::<crate::routes::EmailRequest>(body) else {
+            panic!("a 422 was expected");
+        };
+        let named: std::collections::BTreeSet<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(named, ["body", "extra", "subject", "subjct", "to"].into(), "{fields:?}");
+        let many = format!("{{{}}}", (0..100).map(|i| format!("\"x{i}\": 1")).collect::<Vec<_>>().join(","));
+        let Err(ApiError::Validation { fields, .. }) = parse::<crate::routes::EmailRequest>(many.as_bytes()) else {
+            panic!("a 422 was expected");
+        };
+        assert!(fields.len() < 30 && fields.iter().any(|f| f.message == "and 80 more unknown fields"), "{fields:?}");
+    }
 
     #[test]
     fn duplicate_keys_are_found_with_their_path() {

@@ -26,6 +26,7 @@ impl Application {
         })?;
         let port = listener.local_addr()?.port();
         let routes = Arc::new(Routes::load(&config.routes_file)?);
+        routes.warn_disabled();
         let mut topology = config.topology.clone();
         topology.event_routes = routes.bindings();
         let store = Store::connect_lazy(&config.database_url, &config.database_schema, 8)

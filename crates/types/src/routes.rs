@@ -14,7 +14,7 @@
 //! body = "..."
 //!
 //! [events."order.completed".webhook]
-//! url = "${ORDER_WEBHOOK_URL:-https://hooks.example.com/orders}"
+//! url = "${ORDER_WEBHOOK_URL:-}"      # empty: the route is off, and both binaries say so
 //! secret = "${ORDER_WEBHOOK_SECRET}"
 //! ```
 //! `${VAR}` and `${VAR:-default}` in `url` and `secret` are read from the environment at start,
@@ -54,6 +54,10 @@ struct RawInApp {
     user: String,
     title: String,
     body: String,
+    /// The item's `data`: each value a template. Nothing of the payload is copied unless named
+    /// here (a payload can hold secrets, e.g. a reset link's token).
+    #[serde(default)]
+    data: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,13 +88,23 @@ impl std::fmt::Debug for WebhookRoute {
 pub struct Routes {
     channels: BTreeMap<String, Vec<Channel>>,
     webhooks: BTreeMap<String, WebhookRoute>,
+    /// Keys of each event's in-app `data`.
+    in_app_data: BTreeMap<String, Vec<String>>,
+    /// Routes switched off, with why: a webhook route whose URL came out empty.
+    disabled: Vec<(String, Channel, String)>,
     env: Environment<'static>,
 }
 
 impl Routes {
     /// An empty set of routes (every event is unknown).
     pub fn empty() -> Routes {
-        Routes { channels: BTreeMap::new(), webhooks: BTreeMap::new(), env: new_env() }
+        Routes {
+            channels: BTreeMap::new(),
+            webhooks: BTreeMap::new(),
+            in_app_data: BTreeMap::new(),
+            disabled: Vec::new(),
+            env: new_env(),
+        }
     }
 
     pub fn load(path: &str) -> Result<Routes, RoutesError> {
@@ -149,11 +163,23 @@ impl Routes {
                         routes
                             .add(&event, channel, "body", &a.body)
                             .map_err(|m| err(format!("{}: {m}", at("body"))))?;
+                        for (key, template) in &a.data {
+                            let field = format!("data.{key}");
+                            routes
+                                .add(&event, channel, &field, template)
+                                .map_err(|m| err(format!("{}: {m}", at(&field))))?;
+                        }
+                        routes.in_app_data.insert(event.clone(), a.data.keys().cloned().collect());
                     }
                     Channel::Webhook => {
                         let w: RawWebhook =
                             value.try_into().map_err(|e| err(format!("event `{event}`, {channel}: {e}")))?;
                         let url = expand_env(&w.url, env).map_err(|m| err(format!("{}: {m}", at("url"))))?;
+                        if url.trim().is_empty() {
+                            let why = format!("its URL is empty (`{}` in {file})", w.url);
+                            routes.disabled.push((event.clone(), channel, why));
+                            continue;
+                        }
                         let parsed = url::Url::parse(&url)
                             .map_err(|e| err(format!("{}: `{url}` is not a URL: {e}", at("url"))))?;
                         if !matches!(parsed.scheme(), "http" | "https") {
@@ -172,6 +198,19 @@ impl Routes {
             routes.channels.insert(event, list);
         }
         Ok(routes)
+    }
+
+    /// Routes that are switched off, as (event, channel, why): both binaries warn about them at
+    /// start, and the API refuses an event left with no channel, saying why.
+    pub fn disabled(&self) -> &[(String, Channel, String)] {
+        &self.disabled
+    }
+
+    /// Logs a warning for every switched-off route.
+    pub fn warn_disabled(&self) {
+        for (event, channel, why) in &self.disabled {
+            tracing::warn!(event, %channel, "the route of `{event}` to {channel} is off: {why}");
+        }
     }
 
     fn add(&mut self, event: &str, channel: Channel, field: &str, source: &str) -> Result<(), String> {
@@ -231,8 +270,22 @@ impl Routes {
             user: self.render(event, Channel::InApp, "user", ctx)?.trim().to_string(),
             title: self.render(event, Channel::InApp, "title", ctx)?,
             body: self.render(event, Channel::InApp, "body", ctx)?,
-            data: ctx.get("payload").cloned(),
+            data: self.render_data(event, ctx)?,
         })
+    }
+
+    /// The in-app item's `data` from the route's `data` templates; `None` when it names none.
+    fn render_data(&self, event: &str, ctx: &serde_json::Value) -> Result<Option<serde_json::Value>, String> {
+        let keys = self.in_app_data.get(event).map(Vec::as_slice).unwrap_or_default();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut data = serde_json::Map::new();
+        for key in keys {
+            let value = self.render(event, Channel::InApp, &format!("data.{key}"), ctx)?;
+            data.insert(key.clone(), serde_json::Value::String(value));
+        }
+        Ok(Some(serde_json::Value::Object(data)))
     }
 }
 
@@ -370,6 +423,30 @@ mod shipped_file {
             "payload": {"email": "ann@example.com", "name": "Ann", "reset_link": "https://x/r"}});
         assert_eq!(r.render_email("user.registered", &ctx).unwrap().subject, "Welcome to notify, Ann!");
         assert!(r.render_email("password.reset", &ctx).unwrap().body.contains("https://x/r"));
+    }
+
+    #[test]
+    fn the_shipped_routes_copy_nothing_of_the_payload_and_need_a_webhook_url() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/routes.toml")).unwrap();
+        let r = super::Routes::parse(&text, "routes.toml", &|_| None).unwrap();
+        let ctx = serde_json::json!({"id": "1", "event": "password.reset", "user_target": "u1",
+            "payload": {"email": "ann@example.com", "reset_link": "https://x/r?t=SECRET"}});
+        let item = r.render_in_app("password.reset", &ctx).unwrap();
+        assert_eq!(item.data, None, "no payload (and no token) in the inbox by default");
+        assert_eq!(r.channels("order.completed"), Some(&[][..]), "no URL, no webhook route");
+        assert!(r.disabled()[0].2.contains("ORDER_WEBHOOK_URL"), "{:?}", r.disabled());
+        let r =
+            super::Routes::parse(&text, "routes.toml", &|k| (k == "ORDER_WEBHOOK_URL").then(|| "https://h/o".into()))
+                .unwrap();
+        assert_eq!(r.channels("order.completed"), Some(&[crate::Channel::Webhook][..]));
+    }
+
+    #[test]
+    fn in_app_data_comes_from_the_routes_templates_only() {
+        let text = "[events.\"a.b\".in_app]\nuser = \"u\"\ntitle = \"t\"\nbody = \"b\"\ndata = { order = \"{{ payload.order }}\" }";
+        let r = super::Routes::parse(text, "f", &|_| None).unwrap();
+        let ctx = serde_json::json!({"payload": {"order": 42, "token": "SECRET"}});
+        assert_eq!(r.render_in_app("a.b", &ctx).unwrap().data, Some(serde_json::json!({"order": "42"})));
     }
 
     #[test]

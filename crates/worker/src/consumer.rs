@@ -66,6 +66,7 @@ impl Worker {
         let email = EmailSender::new(&config.smtp_url, &config.email_from, config.smtp_timeout, config.smtp_pool_size)?;
         let webhook = WebhookSender::new(config.webhook_timeout, config.webhook_allow_private)?;
         let routes = Arc::new(Routes::load(&config.routes_file)?);
+        routes.warn_disabled();
         let store = Store::connect_lazy(
             &config.database_url,
             &config.database_schema,
@@ -243,6 +244,10 @@ impl Worker {
         for (ch, _) in &consumers {
             let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "consumer stopped".into())).await;
         }
+        // Closed here, not by its drop: a dropped channel's close is queued behind the
+        // connection's own close, which lapin reports as an ERROR on every clean shutdown.
+        let publish = &ctx.settler.publish;
+        let _ = tokio::time::timeout(Duration::from_secs(2), publish.close(200, "worker session ended".into())).await;
         Ok(end)
     }
 }

@@ -5,7 +5,7 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    extract::{json_body, Parsed},
+    extract::{json_body, Fields, Parsed},
 };
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
@@ -30,6 +30,10 @@ pub struct EventRequest {
     pub payload: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+impl Fields for EventRequest {
+    const FIELDS: &'static [&'static str] = &["event", "user_target", "payload"];
+}
+
 pub async fn post_event(
     req: HttpRequest,
     payload: web::Payload,
@@ -38,9 +42,22 @@ pub async fn post_event(
     let parsed: Parsed<EventRequest> = json_body(&req, payload, state.body_limits).await?;
     let b = parsed.body;
     let event = b.event.unwrap_or_default();
-    if state.routes.channels(&event).is_none() {
-        let known = state.routes.events().join(", ");
-        return Err(ApiError::field("event", format!("unknown event `{event}`; known events: {known}")));
+    match state.routes.channels(&event) {
+        None => {
+            let known = state.routes.events().join(", ");
+            return Err(ApiError::field("event", format!("unknown event `{event}`; known events: {known}")));
+        }
+        Some([]) => {
+            let why: Vec<String> = state
+                .routes
+                .disabled()
+                .iter()
+                .filter(|(e, _, _)| *e == event)
+                .map(|(_, channel, why)| format!("its {channel} route is off: {why}"))
+                .collect();
+            return Err(ApiError::field("event", format!("event `{event}` goes to no channel: {}", why.join("; "))));
+        }
+        Some(_) => {}
     }
     let env = Envelope::event(
         &event,

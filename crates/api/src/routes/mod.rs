@@ -31,24 +31,30 @@ impl AppState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str, route: actix_web::Route| {
-        web::resource(path).route(route).default_service(web::to(method_not_allowed))
+    // Every resource serves one method; any other answers 405 with `Allow` naming it.
+    let resource = |path: &str, allow: &'static str, route: actix_web::Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(move |req: HttpRequest| method_not_allowed(req, allow)))
     };
-    cfg.service(resource("/api/v1/notifications/email", web::post().to(notifications::send_email)))
-        .service(resource("/api/v1/notifications/webhook", web::post().to(notifications::send_webhook)))
-        .service(resource("/api/v1/notifications/in-app", web::post().to(notifications::send_in_app)))
-        .service(resource("/api/v1/notifications/{id}", web::get().to(notifications::status)))
-        .service(resource("/api/v1/events", web::post().to(events::post_event)))
-        .service(resource("/events", web::post().to(events::post_event)))
-        .service(resource("/api/v1/users/{user}/notifications", web::get().to(inbox::list)))
-        .service(resource("/api/v1/users/{user}/notifications/read-all", web::post().to(inbox::mark_all_read)))
-        .service(resource("/api/v1/users/{user}/notifications/{id}/read", web::post().to(inbox::mark_read)))
-        .service(resource("/health", web::get().to(health::health)))
-        .service(resource("/ready", web::get().to(health::ready)));
+    let (get, post) = (web::get, web::post);
+    cfg.service(resource("/api/v1/notifications/email", "POST", post().to(notifications::send_email)))
+        .service(resource("/api/v1/notifications/webhook", "POST", post().to(notifications::send_webhook)))
+        .service(resource("/api/v1/notifications/in-app", "POST", post().to(notifications::send_in_app)))
+        .service(resource("/api/v1/notifications/{id}", "GET", get().to(notifications::status)))
+        .service(resource("/api/v1/events", "POST", post().to(events::post_event)))
+        .service(resource("/events", "POST", post().to(events::post_event)))
+        .service(resource("/api/v1/users/{user}/notifications", "GET", get().to(inbox::list)))
+        .service(resource("/api/v1/users/{user}/notifications/read-all", "POST", post().to(inbox::mark_all_read)))
+        .service(resource("/api/v1/users/{user}/notifications/{id}/read", "POST", post().to(inbox::mark_read)))
+        .service(resource("/health", "GET", get().to(health::health)))
+        .service(resource("/ready", "GET", get().to(health::ready)));
 }
 
-async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
-    actix_web::ResponseError::error_response(&ApiError::MethodNotAllowed(req.method().to_string()))
+async fn method_not_allowed(req: HttpRequest, allow: &'static str) -> HttpResponse {
+    let mut res = actix_web::ResponseError::error_response(&ApiError::MethodNotAllowed(req.method().to_string()));
+    res.headers_mut().insert(actix_web::http::header::ALLOW, actix_web::http::header::HeaderValue::from_static(allow));
+    res
 }
 
 pub async fn not_found(req: HttpRequest) -> HttpResponse {

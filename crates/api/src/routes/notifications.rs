@@ -4,7 +4,7 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    extract::{json_body, Parsed},
+    extract::{json_body, Fields, Parsed},
 };
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
@@ -42,6 +42,18 @@ pub struct EmailRequest {
 
 /// One line of text: no CR or LF, and no other control character (VT, FF, ESC, NUL, ...),
 /// since these values end up in mail headers, log lines and URLs.
+impl Fields for EmailRequest {
+    const FIELDS: &'static [&'static str] = &["to", "subject", "body", "html"];
+}
+
+impl Fields for WebhookRequest {
+    const FIELDS: &'static [&'static str] = &["url", "payload"];
+}
+
+impl Fields for InAppRequest {
+    const FIELDS: &'static [&'static str] = &["user", "title", "body", "data"];
+}
+
 pub(super) fn single_line(value: &str) -> Result<(), ValidationError> {
     if value.contains(['\r', '\n']) {
         return Err(ValidationError::new("line_break").with_message("must not contain line breaks (CR or LF)".into()));

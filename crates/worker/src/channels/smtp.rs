@@ -235,8 +235,11 @@ impl SmtpPool {
                 .await?
             }
             _ => {
-                let tcp =
-                    tokio::net::TcpStream::connect((s.host.as_str(), s.port)).await.map_err(SmtpError::Connect)?;
+                // The error names where it tried: a wrong SMTP_URL host or port is then plain.
+                let at = |e: std::io::Error| {
+                    SmtpError::Connect(std::io::Error::new(e.kind(), format!("{}:{}: {e}", s.host, s.port)))
+                };
+                let tcp = tokio::net::TcpStream::connect((s.host.as_str(), s.port)).await.map_err(at)?;
                 tcp.set_nodelay(true).map_err(SmtpError::Connect)?;
                 AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &s.hello).await?
             }
