@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
         return healthcheck();
     }
-    notify_types::telemetry::init("info");
+    notify_types::telemetry::init(notify_types::telemetry::DEFAULT_FILTER);
     let config = match ApiConfig::from_source(&env) {
         Ok(c) => c,
         Err(e) => {

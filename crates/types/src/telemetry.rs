@@ -6,6 +6,12 @@ use tracing_subscriber::{
     EnvFilter,
 };
 
+/// The filter when `RUST_LOG` is unset. lapin's own log is off: every broker failure it logs
+/// (as ERROR, several lines per attempt, some of them untrue for notify such as "backoff attempts
+/// exhausted, aborting recovery") reaches notify as an error, which notify logs once, in its own
+/// words, with what it does next. `RUST_LOG=info,lapin=debug` shows lapin's lines again.
+pub const DEFAULT_FILTER: &str = "info,lapin=off";
+
 pub fn init(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("json")).unwrap_or(false);

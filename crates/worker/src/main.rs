@@ -8,7 +8,7 @@ notify_types::use_mimalloc!();
 #[tokio::main]
 async fn main() -> ExitCode {
     let env = Env::load();
-    notify_types::telemetry::init("info");
+    notify_types::telemetry::init(notify_types::telemetry::DEFAULT_FILTER);
     let config = match WorkerConfig::from_source(&env) {
         Ok(c) => c,
         Err(e) => {
