@@ -29,11 +29,11 @@ pub const PARALLEL: usize = 2;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// A claim waiting in a batch: id, channel, event, attempt and where its answer goes.
-type ClaimRow = (Uuid, String, Option<String>, i32, Reply<Claim>);
+/// A claim waiting in a batch: id, channel, event, attempt, copy and where its answer goes.
+type ClaimRow = (Uuid, String, Option<String>, i32, Option<String>, Reply<Claim>);
 
 pub(crate) enum Op {
-    Claim { id: Uuid, channel: String, event: Option<String>, attempt: i32, reply: Reply<Claim> },
+    Claim { id: Uuid, channel: String, event: Option<String>, attempt: i32, copy: Option<String>, reply: Reply<Claim> },
     Delivered { id: Uuid, channel: String, reply: Reply<()> },
     Inbox { item: NewInboxItem, reply: Reply<bool> },
 }
@@ -162,7 +162,9 @@ struct Batch {
 impl Batch {
     fn push(&mut self, op: Op) {
         match op {
-            Op::Claim { id, channel, event, attempt, reply } => self.claims.push((id, channel, event, attempt, reply)),
+            Op::Claim { id, channel, event, attempt, copy, reply } => {
+                self.claims.push((id, channel, event, attempt, copy, reply))
+            }
             Op::Delivered { id, channel, reply } => self.delivered.push((id, channel, reply)),
             Op::Inbox { item, reply } => self.inbox.push((item, reply)),
         }
@@ -208,25 +210,33 @@ async fn claim(pool: &PgPool, rows: Vec<ClaimRow>) {
     let channels: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
     let events: Vec<Option<String>> = rows.iter().map(|r| r.2.clone()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.3).collect();
-    // In DO UPDATE, `deliveries.*` is the row as it was: a claim that finds it still
-    // `delivering` counts a crash. A `delivered` row is left alone and returns nothing.
+    let copies: Vec<Option<String>> = rows.iter().map(|r| r.4.clone()).collect();
+    // In DO UPDATE, `deliveries.*` is the row as it was (its latest version: the WHERE is
+    // checked after waiting for a concurrent claim of the same row): a claim that finds it
+    // still `delivering` by the same copy (or an unnamed one) counts a crash. A `delivered`
+    // row, or one `delivering` by another copy, is left alone and returns nothing.
     let result = sqlx::query_as::<_, (Uuid, String, i32)>(
-        "INSERT INTO deliveries (notification_id, channel, status, attempts, event)
-         SELECT id, channel, 'delivering', GREATEST(attempt, 0), event
-           FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[]) AS t(id, channel, attempt, event)
+        "INSERT INTO deliveries (notification_id, channel, status, attempts, event, claimed_by)
+         SELECT id, channel, 'delivering', GREATEST(attempt, 0), event, copy
+           FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
+                AS t(id, channel, attempt, event, copy)
          ON CONFLICT (notification_id, channel) DO UPDATE
             SET status = 'delivering',
                 attempts = GREATEST(deliveries.attempts, EXCLUDED.attempts),
                 event = COALESCE(EXCLUDED.event, deliveries.event),
                 crashes = deliveries.crashes + (deliveries.status = 'delivering')::int,
+                claimed_by = EXCLUDED.claimed_by,
                 updated_at = now()
           WHERE deliveries.status <> 'delivered'
+            AND NOT (deliveries.status = 'delivering'
+                     AND COALESCE(deliveries.claimed_by <> EXCLUDED.claimed_by, false))
          RETURNING notification_id, channel, crashes",
     )
     .bind(&ids)
     .bind(&channels)
     .bind(&attempts)
     .bind(&events)
+    .bind(&copies)
     .fetch_all(pool)
     .await
     .map_err(db_err)
@@ -238,7 +248,7 @@ async fn claim(pool: &PgPool, rows: Vec<ClaimRow>) {
             None => Claim::AlreadyDelivered,
         }
     });
-    answer(rows.into_iter().map(|(id, ch, _, _, reply)| ((id, ch), reply)).collect(), result);
+    answer(rows.into_iter().map(|(id, ch, _, _, _, reply)| ((id, ch), reply)).collect(), result);
 }
 
 /// [`crate::Store::mark_delivered`] for many rows.

@@ -141,7 +141,8 @@ pub enum Claim {
     /// Like `Proceed`, but the previous claim never finished (the attempt died mid-way):
     /// `crashes` counts such claims so far, this one included.
     Unfinished { crashes: i32 },
-    /// Already delivered: do not send again, just ack.
+    /// Already delivered, or being delivered right now by another copy of the message (see
+    /// [`Store::claim_copy`]): do not send, just ack.
     AlreadyDelivered,
 }
 
@@ -448,8 +449,33 @@ impl Store {
     /// such a delivery is either recorded after the crash (the worker records what it sent
     /// later, see `x-notify-sent`) or was never sent, and only its crash count starts over.
     pub async fn claim(&self, id: Uuid, channel: &str, event: Option<&str>, attempt: i32) -> Result<Claim, StoreError> {
-        let (channel, event) = (channel.to_owned(), event.map(str::to_owned));
-        self.claims().call(|reply| Op::Claim { id, channel, event, attempt, reply }).await
+        self.claim_copy(id, channel, event, attempt, None).await
+    }
+
+    /// [`Store::claim`] by a named copy of the message (`copy`: what tells this copy from
+    /// other publishes of the same notification id; the worker uses the envelope's request id
+    /// and creation time, which its retries, redeliveries and dead-letter replays keep).
+    ///
+    /// Two copies of one notification can be in flight at once: a request with an
+    /// `Idempotency-Key` whose publish timed out (503) can land after all, while the caller's
+    /// retry publishes the same id again. A claim that finds the row `delivering` by *another*
+    /// copy leaves it as it is and answers [`Claim::AlreadyDelivered`]: that copy is being
+    /// delivered, and until it is settled it stays in the broker (unacked, then in a retry
+    /// tier or dead-lettered), so it carries the notification; sending this one as well would
+    /// deliver twice. Only a claim by the same copy (its redelivery after a crash), or by one
+    /// that names none, finds an unfinished claim ([`Claim::Unfinished`]) and proceeds. The
+    /// test is part of the upsert's `WHERE`, so it holds for copies claimed at the same moment
+    /// by different workers.
+    pub async fn claim_copy(
+        &self,
+        id: Uuid,
+        channel: &str,
+        event: Option<&str>,
+        attempt: i32,
+        copy: Option<&str>,
+    ) -> Result<Claim, StoreError> {
+        let (channel, event, copy) = (channel.to_owned(), event.map(str::to_owned), copy.map(str::to_owned));
+        self.claims().call(|reply| Op::Claim { id, channel, event, attempt, copy, reply }).await
     }
 
     /// Status `delivered`, `delivered_at = now()` (the first time), `last_error` kept.

@@ -6,6 +6,7 @@ use crate::{
     outcome::DeadReason,
     Outcome,
 };
+use chrono::SecondsFormat;
 use futures_util::FutureExt;
 use notify_store::{Claim, NewInboxItem, Store, StoreError};
 use notify_types::{routes::Routes, Channel, EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage};
@@ -49,7 +50,10 @@ impl Deliverer {
         let claim = if guarded_by_insert {
             Ok(Claim::Proceed)
         } else {
-            self.store.claim(env.id, channel.as_str(), env.event.as_deref(), attempt as i32).await
+            // Named by its publish: a second copy of this id (an idempotent retry's) that finds
+            // this one being delivered acks instead of sending again.
+            let copy = format!("{} {}", env.correlation_id, env.created_at.to_rfc3339_opts(SecondsFormat::Nanos, true));
+            self.store.claim_copy(env.id, channel.as_str(), env.event.as_deref(), attempt as i32, Some(&copy)).await
         };
         match claim {
             Ok(Claim::Proceed) => {}
