@@ -264,6 +264,7 @@ async fn delivered(pool: &PgPool, rows: Vec<(Uuid, String, Reply<()>)>) {
          ON CONFLICT (notification_id, channel) DO UPDATE
             SET status = 'delivered',
                 attempts = GREATEST(deliveries.attempts, 1),
+                last_error = NULL,
                 delivered_at = COALESCE(deliveries.delivered_at, now()),
                 updated_at = now()",
     )
@@ -319,6 +320,7 @@ async fn inbox(pool: &PgPool, rows: Vec<(NewInboxItem, Reply<bool>)>) {
             ON CONFLICT (notification_id, channel) DO UPDATE
                SET status = 'delivered',
                    attempts = GREATEST(deliveries.attempts, 1),
+                   last_error = NULL,
                    event = COALESCE(deliveries.event, EXCLUDED.event),
                    delivered_at = COALESCE(deliveries.delivered_at, now()),
                    updated_at = now()

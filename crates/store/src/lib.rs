@@ -317,6 +317,11 @@ pub struct Store {
     /// between an accepted e-mail and its ack) never waits behind a batch of claims.
     claims: Arc<OnceLock<Batcher>>,
     records: Arc<OnceLock<Batcher>>,
+    /// How to open a connection of our own (migrations), where the real cause of a failure
+    /// shows (the pool only says it timed out).
+    options: PgConnectOptions,
+    /// `host:port/database`, for messages.
+    target: String,
 }
 
 impl Store {
@@ -330,13 +335,33 @@ impl Store {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::Other("Store::connect_lazy must be called inside a Tokio runtime".into()));
         }
+        let scheme = database_url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        if !matches!(scheme, "postgres" | "postgresql") {
+            return Err(StoreError::Other(format!(
+                "the database URL must start with postgres:// or postgresql:// (notify needs PostgreSQL), not `{scheme}://`"
+            )));
+        }
         let options = PgConnectOptions::from_str(database_url)
             .map_err(|e| StoreError::Other(format!("invalid database URL: {e}")))?
             .options([("search_path", schema)]);
         let pool = lazy_pool(options.clone(), max_connections);
+        let target = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or(options.get_username())
+        );
         // Claims commit without waiting for the WAL flush (see [`Store::claim`]).
-        let claims_pool = lazy_pool(options.options([("synchronous_commit", "off")]), batch::PARALLEL as u32);
-        Ok(Store { pool, claims_pool, schema: schema.to_owned(), claims: Arc::default(), records: Arc::default() })
+        let claims_pool = lazy_pool(options.clone().options([("synchronous_commit", "off")]), batch::PARALLEL as u32);
+        Ok(Store {
+            pool,
+            claims_pool,
+            schema: schema.to_owned(),
+            claims: Arc::default(),
+            records: Arc::default(),
+            options,
+            target,
+        })
     }
 
     fn claims(&self) -> &Batcher {
@@ -381,7 +406,22 @@ impl Store {
     /// the lock even when a migration failed.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let started = Instant::now();
-        let mut conn = self.pool.acquire().await.map_err(db_err)?.detach();
+        // A connection of its own, not the pool's: a wrong port, password or database name
+        // then shows as what it is (refused, authentication failed, ...) with where it went,
+        // instead of the pool's "timed out".
+        // Notices ("relation _sqlx_migrations already exists, skipping") are not news.
+        let options = self.options.clone().options([("client_min_messages", "warning")]);
+        let connect = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options));
+        let mut conn = match connect.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(self.at_target(db_err(e))),
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "PostgreSQL at {}: no connection within {:?}",
+                    self.target, ACQUIRE_TIMEOUT
+                )))
+            }
+        };
         let result = self.migrate_on(&mut conn).await;
         if let Err(e) = conn.close().await {
             tracing::debug!(error = %e, "closing the migration connection");
@@ -399,17 +439,34 @@ impl Store {
         result
     }
 
+    /// `e` with where the database is (`PostgreSQL at host:port/database: ...`).
+    fn at_target(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!("PostgreSQL at {}: {m}", self.target)),
+            StoreError::Other(m) => StoreError::Other(format!("PostgreSQL at {}: {m}", self.target)),
+        }
+    }
+
     async fn migrate_on(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
             .bind(format!("notify-store/migrate/{}", self.schema))
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;
-        // The name is validated ([a-z_][a-z0-9_]*), quoting is belt and braces.
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
-            .execute(&mut *conn)
+        // Only when missing: `IF NOT EXISTS` on an existing schema makes the server send a
+        // notice, which sqlx logs as a warning at every start.
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&self.schema)
+            .fetch_one(&mut *conn)
             .await
             .map_err(db_err)?;
+        if !exists {
+            // The name is validated ([a-z_][a-z0-9_]*), quoting is belt and braces.
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        }
         let mut migrator: Migrator = sqlx::migrate!("../../migrations");
         migrator.set_locking(false);
         migrator.run_direct(conn).await.map_err(migrate_err)
@@ -478,7 +535,8 @@ impl Store {
         self.claims().call(|reply| Op::Claim { id, channel, event, attempt, copy, reply }).await
     }
 
-    /// Status `delivered`, `delivered_at = now()` (the first time), `last_error` kept.
+    /// Status `delivered`, `delivered_at = now()` (the first time), `last_error` cleared (a
+    /// delivered notification has no error; the history of its attempts is in the logs).
     /// Creates the row if it does not exist.
     /// Concurrent calls share one statement and one commit.
     pub async fn mark_delivered(&self, id: Uuid, channel: &str) -> Result<(), StoreError> {
@@ -634,12 +692,13 @@ impl Store {
             .map_err(db_err)
     }
 
-    /// Marks the user's own item read. `Ok(false)` when the user has no such item (→ 404).
+    /// Marks the user's own item read, found by its own id or by its notification's id (the id
+    /// the API's 202 returned). `Ok(false)` when the user has no such item (→ 404).
     /// Idempotent: an already read item → `true`, `read_at` unchanged.
     pub async fn mark_read(&self, user: &str, item_id: Uuid) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE inbox_items SET read_at = COALESCE(read_at, now())
-              WHERE id = $1 AND user_id = $2",
+              WHERE (id = $1 OR notification_id = $1) AND user_id = $2",
         )
         .bind(item_id)
         .bind(user)

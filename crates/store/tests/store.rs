@@ -98,12 +98,13 @@ async fn claim_guard_and_states() {
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].event.as_deref(), Some("user.signup"));
 
-        // Delivered: last_error kept, delivered_at set.
+        // Delivered: last_error cleared (issue 14: a delivered status shows no error),
+        // delivered_at set.
         s.mark_delivered(id, "email").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st[0].status, "delivered");
         assert_eq!(st[0].attempts, 2);
-        assert_eq!(st[0].last_error.as_deref(), Some("smtp 451"));
+        assert_eq!(st[0].last_error, None);
         let delivered_at = st[0].delivered_at.expect("delivered_at");
         assert!(st[0].updated_at >= st[0].created_at);
 
@@ -116,7 +117,7 @@ async fn claim_guard_and_states() {
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st[0].status, "delivered");
         assert_eq!(st[0].attempts, 2);
-        assert_eq!(st[0].last_error.as_deref(), Some("smtp 451"));
+        assert_eq!(st[0].last_error, None);
         assert_eq!(st[0].delivered_at, Some(delivered_at));
 
         // Another channel of the same notification is independent; dead after retries.
