@@ -4,14 +4,10 @@
 
 mod support;
 
-use notify_testkit::{rabbit, webhook::WebhookReceiver};
+use notify_testkit::{logs::Captured, rabbit, webhook::WebhookReceiver};
 use notify_worker::settle::Settled;
 use serde_json::{json, Value};
-use std::{
-    io::Write,
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
-};
+use std::{sync::OnceLock, time::Duration};
 use support::{email, Harness, API_KEY};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -20,19 +16,6 @@ use tokio::{
 
 const WAIT: Duration = Duration::from_secs(30);
 const EMAIL: &str = "/api/v1/notifications/email";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The text log of this test binary, formatted as the binaries format it.
 fn logs() -> &'static Captured {
@@ -300,7 +283,7 @@ async fn a_newline_in_request_text_cannot_forge_a_log_line() {
     assert!(matches!(reports[0].settled, Settled::DeadLettered { .. }), "{reports:?}");
     worker.stop().await.unwrap();
     h.cleanup().await;
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     assert!(text.contains("FORGED-7f3a"), "the bad recipient is logged (escaped)");
     for line in text.lines() {
         assert!(!line.starts_with("FORGED-7f3a"), "a forged line: {line:?}");

@@ -4,14 +4,11 @@
 
 mod support;
 
-use notify_testkit::{private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer, webhook::WebhookReceiver};
-use serde_json::json;
-use std::{
-    collections::HashMap,
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
+use notify_testkit::{
+    logs::Captured, private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer, webhook::WebhookReceiver,
 };
+use serde_json::json;
+use std::{collections::HashMap, time::Duration};
 use support::{TestApi, TestWorker};
 
 const AMQP_PASSWORD: &str = "amqp-pw-Q7x9Lr2";
@@ -20,19 +17,6 @@ const SMTP_PASSWORD: &str = "smtp-pw-Hn27cXa";
 const API_KEY: &str = "api-key-Ke91mWq3";
 const DIRECT_HOOK_SECRET: &str = "whsec_ZGlyZWN0LWhvb2stc2VjcmV0LTQ0Mjk=";
 const ROUTE_HOOK_SECRET: &str = "whsec_cm91dGUtaG9vay1zZWNyZXQtNzcxMw==";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_or_error_bodies() {
@@ -133,7 +117,7 @@ async fn no_secret_appears_in_logs_or_error_bodies() {
     support::drop_schema(&support::settings(&prefix, "amqp://x/", "smtp://x")).await;
     let _ = std::fs::remove_file(routes);
 
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     let lines = text.lines().count();
     let secrets = [AMQP_PASSWORD, PG_PASSWORD, SMTP_PASSWORD, API_KEY, DIRECT_HOOK_SECRET, ROUTE_HOOK_SECRET];
     // The base64 parts of the webhook secrets (the key material) must not leak either.

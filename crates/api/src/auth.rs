@@ -53,7 +53,7 @@ impl ApiKeys {
         for (i, entry) in raw.split(',').map(str::trim).enumerate().filter(|(_, e)| !e.is_empty()) {
             let (name, key) = match entry.split_once(':') {
                 Some((name, key)) if is_name(name) => (name.to_string(), key.trim()),
-                _ => (format!("key-{}", &hex(&Sha256::digest(entry.as_bytes()))[..8]), entry),
+                _ => (format!("key-{}", &crate::routes::hex(&Sha256::digest(entry.as_bytes()))[..8]), entry),
             };
             if key.is_empty() {
                 return Err(format!("entry {} (`{name}:`) has no key after the name", i + 1));
@@ -90,10 +90,6 @@ impl ApiKeys {
     pub fn accepts(&self, presented: &[u8]) -> bool {
         self.producer(presented).is_some()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_open(path: &str) -> bool {

@@ -10,6 +10,7 @@ use notify_store::Store;
 use notify_types::routes::Routes;
 use std::sync::Arc;
 
+pub(crate) use accept::hex;
 pub use notifications::EmailRequest;
 
 /// What every handler can reach.
