@@ -6,7 +6,7 @@
 mod support;
 
 use notify_testkit::{private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer};
-use notify_worker::{consumer::DeliveryReport, settle::Settled};
+use notify_worker::{outcome::Settled, pipeline::DeliveryReport};
 use std::{
     collections::{HashMap, HashSet},
     sync::{

@@ -23,7 +23,7 @@ mod support;
 use futures_util::FutureExt;
 use notify_testkit::{private_cluster::PrivateCluster, rabbit, smtp::SmtpServer, webhook::WebhookReceiver};
 use notify_types::{Channel, Topology};
-use notify_worker::settle::Settled;
+use notify_worker::outcome::Settled;
 use serde_json::{json, Value};
 use std::{
     collections::{HashMap, HashSet},

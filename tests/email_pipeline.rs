@@ -5,7 +5,7 @@ mod support;
 
 use notify_testkit::{rabbit, smtp::Reply};
 use notify_types::{broker::header_str, broker::header_u32, headers};
-use notify_worker::{outcome::DeadReason, settle::Settled};
+use notify_worker::outcome::{DeadReason, Settled};
 use serde_json::Value;
 use std::{collections::HashSet, time::Duration};
 use support::{email, Harness, TEST_MAX_ATTEMPTS};

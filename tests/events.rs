@@ -5,7 +5,7 @@ mod support;
 
 use notify_testkit::webhook::{verify_signature, WebhookReceiver};
 use notify_types::{broker, Envelope, EventPayload, Topology};
-use notify_worker::{outcome::DeadReason, settle::Settled};
+use notify_worker::outcome::{DeadReason, Settled};
 use serde_json::{json, Value};
 use std::{collections::HashSet, time::Duration};
 use support::{email, routes_file, Harness, TestApi, TestWorker, WEBHOOK_SECRET};

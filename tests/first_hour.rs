@@ -6,7 +6,7 @@
 mod support;
 
 use notify_testkit::smtp::Reply;
-use notify_worker::settle::Settled;
+use notify_worker::outcome::Settled;
 use serde_json::{json, Value};
 use std::{collections::BTreeSet, time::Duration};
 use support::{email, Harness};

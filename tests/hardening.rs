@@ -5,7 +5,7 @@
 mod support;
 
 use notify_testkit::{logs::Captured, rabbit, webhook::WebhookReceiver};
-use notify_worker::settle::Settled;
+use notify_worker::outcome::Settled;
 use serde_json::{json, Value};
 use std::{sync::OnceLock, time::Duration};
 use support::{email, Harness, API_KEY};

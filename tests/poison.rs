@@ -9,7 +9,7 @@ use notify_types::{
     broker::{self, header_str, header_u32},
     headers, Channel, Envelope,
 };
-use notify_worker::{outcome::DeadReason, settle::Settled};
+use notify_worker::outcome::{DeadReason, Settled};
 use serde_json::{json, Value};
 use std::{
     collections::HashSet,

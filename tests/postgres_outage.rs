@@ -5,7 +5,7 @@
 
 mod support;
 
-use notify_worker::settle::Settled;
+use notify_worker::outcome::Settled;
 use serde_json::Value;
 use std::{
     collections::{HashMap, HashSet},
@@ -151,11 +151,11 @@ async fn dead_errors(h: &Harness) -> Vec<Option<String>> {
     dead.iter().map(|(p, _)| notify_types::broker::header_str(p, notify_types::headers::LAST_ERROR)).collect()
 }
 
-fn count(reports: &[notify_worker::consumer::DeliveryReport], f: impl Fn(&Settled) -> bool) -> usize {
+fn count(reports: &[notify_worker::pipeline::DeliveryReport], f: impl Fn(&Settled) -> bool) -> usize {
     reports.iter().filter(|r| f(&r.settled)).count()
 }
 
-fn histogram(reports: &[notify_worker::consumer::DeliveryReport]) -> Vec<(String, usize)> {
+fn histogram(reports: &[notify_worker::pipeline::DeliveryReport]) -> Vec<(String, usize)> {
     let mut h: HashMap<String, usize> = HashMap::new();
     for r in reports {
         let kind = format!("{:?}", r.settled);

@@ -6,7 +6,7 @@
 use notify_api::{ApiConfig, Application};
 use notify_testkit::{rabbit, smtp::SmtpServer};
 use notify_types::{QueueType, Topology};
-use notify_worker::{consumer::DeliveryReport, Worker, WorkerConfig};
+use notify_worker::{pipeline::DeliveryReport, Worker, WorkerConfig};
 use std::{collections::HashMap, time::Duration};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

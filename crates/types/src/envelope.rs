@@ -81,13 +81,22 @@ impl Envelope {
     }
 
     /// Parses a message body, refusing unknown versions.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("bad envelope: {e}"))?;
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(EnvelopeError::Malformed)?;
         if env.version != ENVELOPE_VERSION {
-            return Err(format!("unsupported envelope version {}", env.version));
+            return Err(EnvelopeError::Version(env.version));
         }
         Ok(env)
     }
+}
+
+/// Why a message body is not an envelope this build can deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("bad envelope: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error("unsupported envelope version {0}")]
+    Version(u32),
 }
 
 #[cfg(test)]
@@ -102,7 +111,7 @@ mod tests {
         let mut v = serde_json::to_value(&env).unwrap();
         v["version"] = 99.into();
         let err = Envelope::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert!(err.contains("99"), "{err}");
+        assert!(matches!(err, EnvelopeError::Version(99)), "{err}");
         assert!(Envelope::from_bytes(b"not json").is_err());
     }
 }

@@ -19,3 +19,5 @@ pub const DEFERRALS: &str = "x-notify-deferrals";
 /// Set on a message that was sent but whose record failed: when it comes back, the worker only
 /// records the delivery, it never sends again.
 pub const SENT: &str = "x-notify-sent";
+/// W3C trace context of the request that published the message (`traceparent`, as in HTTP).
+pub const TRACEPARENT: &str = "traceparent";

@@ -12,7 +12,9 @@ pub mod telemetry;
 pub mod topology;
 
 pub use channel::Channel;
-pub use envelope::{EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage, ENVELOPE_VERSION};
+pub use envelope::{
+    EmailMessage, Envelope, EnvelopeError, EventPayload, InAppMessage, Kind, WebhookMessage, ENVELOPE_VERSION,
+};
 pub use topology::{QueueType, Topology, TopologyError};
 
 /// Makes mimalloc the binary's global allocator: ~15% less CPU per request (API) and per

@@ -4,55 +4,31 @@
 
 use crate::{
     channels::{email::EmailSender, webhook::WebhookSender},
+    config::WorkerConfig,
     deliver::Deliverer,
-    outcome::DeadReason,
-    settle::{Settled, Settler},
-    Outcome, WorkerConfig,
+    execute::Executor,
+    pipeline::{DeliveryReport, Pipeline},
+    plan::RetryPolicy,
 };
 use futures_util::StreamExt;
 use lapin::{
-    message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
     types::FieldTable,
     Connection,
 };
 use notify_store::Store;
-use notify_types::{
-    broker::{header_u32, Failover},
-    headers,
-    routes::Routes,
-    Channel, Envelope, TopologyError,
-};
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use notify_types::{broker::Failover, routes::Routes, Channel, TopologyError};
+use std::{sync::Arc, time::Duration};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
 use uuid::Uuid;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What became of one delivery; tests wait on these instead of sleeping.
-#[derive(Debug, Clone)]
-pub struct DeliveryReport {
-    pub id: Option<Uuid>,
-    pub channel: Channel,
-    pub attempt: u32,
-    pub settled: Settled,
-}
-
 pub struct Worker {
     config: WorkerConfig,
     deliverer: Arc<Deliverer>,
-    reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
-}
-
-struct Ctx {
-    deliverer: Arc<Deliverer>,
-    settler: Settler,
     reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
 }
 
@@ -181,15 +157,14 @@ impl Worker {
     ) -> Result<SessionEnd, lapin::Error> {
         let publish = pub_conn.create_channel().await?;
         publish.confirm_select(ConfirmSelectOptions::default()).await?;
-        let ctx = Arc::new(Ctx {
+        let pipeline = Arc::new(Pipeline {
             deliverer: self.deliverer.clone(),
-            settler: Settler {
-                publish,
+            policy: RetryPolicy {
                 topology: self.config.topology.clone(),
                 max_attempts: self.config.max_attempts,
                 jitter: self.config.jitter,
-                timeout: PUBLISH_TIMEOUT,
             },
+            executor: Executor { amqp_channel: publish, timeout: PUBLISH_TIMEOUT },
             reports: self.reports.clone(),
         });
         let tracker = TaskTracker::new();
@@ -210,7 +185,7 @@ impl Worker {
                 )
                 .await?;
             let permits = Arc::new(Semaphore::new(self.config.concurrency));
-            loops.spawn(consume_loop(channel, consumer, permits, ctx.clone(), tracker.clone(), stop.clone()));
+            loops.spawn(consume_loop(channel, consumer, permits, pipeline.clone(), tracker.clone(), stop.clone()));
             consumers.push((ch, tag));
         }
 
@@ -246,7 +221,7 @@ impl Worker {
         }
         // Closed here, not by its drop: a dropped channel's close is queued behind the
         // connection's own close, which lapin reports as an ERROR on every clean shutdown.
-        let publish = &ctx.settler.publish;
+        let publish = &pipeline.executor.amqp_channel;
         let _ = tokio::time::timeout(Duration::from_secs(2), publish.close(200, "worker session ended".into())).await;
         Ok(end)
     }
@@ -264,7 +239,7 @@ async fn consume_loop(
     channel: Channel,
     mut consumer: lapin::Consumer,
     permits: Arc<Semaphore>,
-    ctx: Arc<Ctx>,
+    pipeline: Arc<Pipeline>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -280,9 +255,9 @@ async fn consume_loop(
         };
         match next {
             Some(Ok(delivery)) => {
-                let ctx = ctx.clone();
+                let pipeline = pipeline.clone();
                 tracker.spawn(async move {
-                    process(&ctx, channel, delivery).await;
+                    pipeline.process(channel, delivery).await;
                     drop(permit);
                 });
             }
@@ -295,55 +270,5 @@ async fn consume_loop(
                 return;
             }
         }
-    }
-}
-
-async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
-    let attempt = header_u32(&delivery.properties, headers::ATTEMPT).unwrap_or(1).max(1);
-    let env = match Envelope::from_bytes(&delivery.data) {
-        Ok(env) => env,
-        Err(error) => {
-            let span =
-                tracing::warn_span!("delivery", %channel, attempt, message_id = ?delivery.properties.message_id());
-            let outcome = Outcome::Dead { reason: DeadReason::Unparseable, error };
-            let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).instrument(span).await;
-            report(ctx, None, channel, attempt, settled);
-            return;
-        }
-    };
-    let span = tracing::info_span!(
-        "delivery",
-        notification_id = %env.id,
-        %channel,
-        attempt,
-        correlation_id = %env.correlation_id,
-        producer = env.producer.as_deref().unwrap_or("-"),
-        redelivered = delivery.redelivered,
-    );
-    async {
-        let started = Instant::now();
-        // A message that comes back with `x-notify-sent` was sent before; only its record is due.
-        let outcome = if header_u32(&delivery.properties, headers::SENT).is_some() {
-            Outcome::Delivered
-        } else {
-            ctx.settler.decide(attempt, ctx.deliverer.deliver(channel, &env, attempt, delivery.redelivered).await)
-        };
-        let outcome = match ctx.deliverer.record(channel, &env, attempt, &outcome).await {
-            Err(e) if outcome == Outcome::Delivered && e.is_unavailable() => {
-                Outcome::RecordLater { error: e.to_string() }
-            }
-            _ => outcome,
-        };
-        let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).await;
-        tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
-        report(ctx, Some(env.id), channel, attempt, settled);
-    }
-    .instrument(span)
-    .await
-}
-
-fn report(ctx: &Ctx, id: Option<Uuid>, channel: Channel, attempt: u32, settled: Settled) {
-    if let Some(tx) = &ctx.reports {
-        let _ = tx.send(DeliveryReport { id, channel, attempt, settled });
     }
 }

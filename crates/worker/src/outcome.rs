@@ -1,7 +1,10 @@
+//! What one delivery attempt came to ([`Outcome`]) and what became of the message
+//! ([`Settled`]). Values only: the steps of `pipeline::process` pass them along.
+
 use std::time::Duration;
 
-/// What one delivery attempt came to. Handlers return it; the settle step acts on it, so
-/// handlers need no broker and tests need no sleeps.
+/// What one delivery attempt came to. The deliver and record steps produce it; the planning
+/// step turns it into broker actions, so senders need no broker and tests need no sleeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
@@ -40,6 +43,9 @@ pub enum DeadReason {
     Unparseable,
     /// Its deliveries kept dying mid-way (WORKER_CRASH_LIMIT): it crashes the worker.
     CrashedWorker,
+    /// A database statement failed for a reason other than an outage (a query bug): retrying
+    /// would fail the same way, so it is not treated as an outage.
+    StoreQuery,
 }
 
 impl DeadReason {
@@ -49,6 +55,7 @@ impl DeadReason {
             DeadReason::MaxAttempts => "max_attempts",
             DeadReason::Unparseable => "unparseable",
             DeadReason::CrashedWorker => "crashed_worker",
+            DeadReason::StoreQuery => "store_query",
         }
     }
 }
@@ -61,4 +68,34 @@ impl Outcome {
     pub fn dead(error: impl Into<String>) -> Self {
         Outcome::Dead { reason: DeadReason::Permanent, error: error.into() }
     }
+
+    /// The outcome once attempts are counted: a retry after the last attempt is a dead letter.
+    /// The one place this rule lives; record and plan both see its result.
+    pub fn exhausted_if(self, last_attempt: bool) -> Self {
+        match self {
+            Outcome::Retry { error, .. } if last_attempt => Outcome::Dead { reason: DeadReason::MaxAttempts, error },
+            other => other,
+        }
+    }
+}
+
+/// What became of a delivery, for logs, metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Delivered,
+    Retrying {
+        next_attempt: u32,
+        delay: Duration,
+    },
+    DeadLettered {
+        reason: DeadReason,
+    },
+    /// The send guard had it as delivered: acked without sending.
+    AlreadyDelivered,
+    /// Our infrastructure failed; republished to a delay tier without counting an attempt.
+    Deferred {
+        delay: Duration,
+    },
+    /// The outcome could not be made safe (broker trouble): the message goes back to its queue.
+    Requeued,
 }

@@ -1,7 +1,7 @@
 //! E-mail over SMTP: lettre builds the mail, [`SmtpPool`] sends it.
 
 use super::smtp::{Slot, SmtpPool};
-use crate::Outcome;
+use crate::outcome::Outcome;
 use base64::Engine;
 use lettre::{
     message::{

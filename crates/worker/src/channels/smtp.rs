@@ -29,7 +29,6 @@ use lettre::{
 use std::future::Future;
 use std::{
     borrow::Cow,
-    fmt,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -46,15 +45,19 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why a mail was not accepted.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SmtpError {
     /// The server answered with an error code, or the conversation broke.
-    Smtp(LettreError),
+    #[error("{0}")]
+    Smtp(#[from] LettreError),
     /// The TCP connection could not be opened.
-    Connect(std::io::Error),
+    #[error("cannot connect to the SMTP server: {0}")]
+    Connect(#[source] std::io::Error),
     /// A step of the conversation took longer than allowed.
+    #[error("no answer from the SMTP server within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     /// The mail needs an extension the server does not offer (SMTPUTF8, 8BITMIME).
+    #[error("the SMTP server cannot take this mail: {0}")]
     Unsupported(&'static str),
 }
 
@@ -66,25 +69,6 @@ impl SmtpError {
             SmtpError::Unsupported(_) => true,
             SmtpError::Connect(_) | SmtpError::Timeout(_) => false,
         }
-    }
-}
-
-impl fmt::Display for SmtpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SmtpError::Smtp(e) => write!(f, "{e}"),
-            SmtpError::Connect(e) => write!(f, "cannot connect to the SMTP server: {e}"),
-            SmtpError::Timeout(t) => {
-                write!(f, "no answer from the SMTP server within {}", humantime::format_duration(*t))
-            }
-            SmtpError::Unsupported(what) => write!(f, "the SMTP server cannot take this mail: {what}"),
-        }
-    }
-}
-
-impl From<LettreError> for SmtpError {
-    fn from(e: LettreError) -> Self {
-        SmtpError::Smtp(e)
     }
 }
 

@@ -7,7 +7,7 @@
 //! that changes between a check and the connect (rebinding) has no gap to slip through; a
 //! refusal there comes back through reqwest's error chain as [`ForbiddenTarget`] and ends dead.
 
-use crate::Outcome;
+use crate::outcome::Outcome;
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
