@@ -2,7 +2,7 @@
 //! message is dead-lettered after MAX_ATTEMPTS with the panic in its headers, and the worker
 //! keeps delivering everything else exactly once.
 
-mod support;
+use crate::support;
 
 use notify_testkit::rabbit;
 use notify_types::{

@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use notify_api::{ApiConfig, Application};
+use notify_testkit::logs::Captured;
 use notify_testkit::{rabbit, smtp::SmtpServer};
 use notify_types::{QueueType, Topology};
 use notify_worker::{pipeline::DeliveryReport, Worker, WorkerConfig};
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::OnceLock, time::Duration};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,63 @@ pub async fn drop_schema(settings: &HashMap<String, String>) {
     store.drop_schema().await.expect("schema dropped");
 }
 
+/// What every test of this binary logged, at `debug`, formatted as the binaries format text
+/// logs. One subscriber per process: the tests that read logs share it and look for markers of
+/// their own. With `TEST_LOG=1` the logs are also printed (on the failing test's output).
+pub fn logs() -> &'static Captured {
+    use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let captured = fmt::layer()
+            .with_ansi(false)
+            .fmt_fields(notify_types::telemetry::text_fields())
+            .with_writer(move || writer.clone());
+        let printed = std::env::var_os("TEST_LOG").map(|_| fmt::layer().with_test_writer());
+        tracing_subscriber::registry().with(EnvFilter::new("debug")).with(captured).with(printed).init();
+        logs
+    })
+}
+
+/// Removes a test's queues, exchange and schema when the test panics before its own cleanup
+/// (a leftover quorum queue holds broker file handles; enough of them wedge the broker).
+pub struct Leftovers {
+    topology: Topology,
+    settings: HashMap<String, String>,
+}
+
+impl Leftovers {
+    pub fn guard(topology: &Topology, settings: &HashMap<String, String>) -> Leftovers {
+        Leftovers { topology: topology.clone(), settings: settings.clone() }
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let (topology, settings) = (self.topology.clone(), self.settings.clone());
+        // The test's runtime is unwinding: clean up on a runtime of its own, bounded.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let work = async {
+                    let amqp = rabbit::connect().await;
+                    rabbit::delete_topology(&amqp, &topology).await;
+                    let _ = amqp.close(200, "test failed; cleaned up".into()).await;
+                    drop_schema(&settings).await;
+                };
+                if tokio::time::timeout(Duration::from_secs(30), work).await.is_err() {
+                    eprintln!("cleanup of {} did not finish within 30 s", topology.prefix);
+                }
+            })
+        });
+        let _ = cleanup.join();
+    }
+}
+
 pub struct TestApi {
     pub base: String,
     pub client: reqwest::Client,
@@ -68,6 +126,7 @@ pub struct TestApi {
 
 impl TestApi {
     pub async fn start(settings: &HashMap<String, String>) -> anyhow::Result<TestApi> {
+        logs();
         let mut config = ApiConfig::from_source(settings)?;
         config.handle_signals = false;
         let app = Application::build(config).await?;
@@ -97,6 +156,7 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub async fn start(settings: &HashMap<String, String>) -> anyhow::Result<TestWorker> {
+        logs();
         let config = WorkerConfig::from_source(settings)?;
         let mut worker = Worker::build(config).await?;
         let reports = worker.reports();
@@ -140,6 +200,7 @@ pub struct Harness {
     pub smtp: SmtpServer,
     pub api: TestApi,
     pub amqp: lapin::Connection,
+    _leftovers: Leftovers,
 }
 
 pub const WEBHOOK_SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLW9yZGVyLXdlYmhvb2tz";
@@ -181,7 +242,8 @@ impl Harness {
         let topology = notify_types::config::topology(&settings).unwrap();
         assert_eq!(topology.queue_type, QueueType::Quorum);
         let amqp = rabbit::connect().await;
-        Harness { prefix, settings, topology, smtp, api, amqp }
+        let _leftovers = Leftovers::guard(&topology, &settings);
+        Harness { prefix, settings, topology, smtp, api, amqp, _leftovers }
     }
 
     pub async fn worker(&self) -> TestWorker {

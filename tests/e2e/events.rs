@@ -1,7 +1,7 @@
 //! Events routed to e-mail, webhook and in-app channels; delivery state; the inbox; the send
 //! guard; idempotency keys; webhook target checks; routes-file errors.
 
-mod support;
+use crate::support;
 
 use notify_testkit::webhook::{verify_signature, WebhookReceiver};
 use notify_types::{broker, Envelope, EventPayload, Topology};
@@ -151,9 +151,11 @@ async fn webhook_down_is_delivered_later_while_email_keeps_flowing() {
         }
     }
     assert_eq!(h.smtp.mails().len(), 5);
-    // Status shows the webhook retrying, with its attempts and the error.
+    // Status shows the webhook retrying (or, caught mid-way, its next attempt under way), with
+    // its attempts and the error.
     let (_, st) = get(&h, &format!("/api/v1/notifications/{id}")).await;
-    assert_eq!(st["channels"][0]["status"], "retrying", "{st}");
+    let status = st["channels"][0]["status"].as_str().unwrap_or_default();
+    assert!(status == "retrying" || status == "delivering", "{st}");
     assert!(st["channels"][0]["attempts"].as_i64().unwrap() >= 2, "{st}");
     assert!(st["channels"][0]["last_error"].is_string(), "{st}");
 

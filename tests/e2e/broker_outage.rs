@@ -2,7 +2,7 @@
 //! recovers by itself when the broker returns. Uses a private broker node on its own ports;
 //! the machine's shared RabbitMQ is never touched.
 
-mod support;
+use crate::support;
 
 use notify_testkit::{private_broker::PrivateBroker, rabbit, smtp::SmtpServer};
 use std::time::{Duration, Instant};

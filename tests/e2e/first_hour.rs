@@ -3,7 +3,7 @@
 //! everything, 405s with `Allow`, a delivered status without an error, database errors that say
 //! where and why.
 
-mod support;
+use crate::support;
 
 use notify_testkit::smtp::Reply;
 use notify_worker::outcome::Settled;

@@ -2,12 +2,12 @@
 //! each through the real API, broker, Postgres and SMTP server. The text log of this binary is
 //! captured with the binaries' own field formatting (for the log-injection case).
 
-mod support;
+use crate::support;
 
-use notify_testkit::{logs::Captured, rabbit, webhook::WebhookReceiver};
+use notify_testkit::{rabbit, webhook::WebhookReceiver};
 use notify_worker::outcome::Settled;
 use serde_json::{json, Value};
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 use support::{email, Harness, API_KEY};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -16,22 +16,6 @@ use tokio::{
 
 const WAIT: Duration = Duration::from_secs(30);
 const EMAIL: &str = "/api/v1/notifications/email";
-
-/// The text log of this test binary, formatted as the binaries format it.
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("info,lapin=warn")
-            .with_ansi(false)
-            .fmt_fields(notify_types::telemetry::text_fields())
-            .with_writer(move || writer.clone())
-            .init();
-        logs
-    })
-}
 
 /// Sends raw bytes to the API and reads what comes back until the server closes the connection
 /// or `within` passes (then `closed` is false).
@@ -271,7 +255,7 @@ async fn what_the_worker_cannot_send_and_duplicate_keys_are_refused_at_the_door(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newline_in_request_text_cannot_forge_a_log_line() {
-    let logs = logs();
+    let logs = support::logs();
     let h = Harness::start("log-inject").await;
     let mut worker = h.worker().await;
     let forged = "FORGED-7f3a ERROR notify_worker: admin password reset";

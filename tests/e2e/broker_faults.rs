@@ -3,7 +3,7 @@
 //! while the worker has a backlog. The API and the worker run in-process and are never
 //! restarted; they must ride out both faults by themselves.
 
-mod support;
+use crate::support;
 
 use notify_testkit::{private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer};
 use notify_worker::{outcome::Settled, pipeline::DeliveryReport};

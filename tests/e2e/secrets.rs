@@ -2,11 +2,9 @@
 //! deliveries, retries, a broker crash, refused keys, bad settings. Logs of both binaries are
 //! captured at debug level (this test binary installs the only subscriber).
 
-mod support;
+use crate::support;
 
-use notify_testkit::{
-    logs::Captured, private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer, webhook::WebhookReceiver,
-};
+use notify_testkit::{private_broker::PrivateBroker, rabbit, smtp::Reply, smtp::SmtpServer, webhook::WebhookReceiver};
 use serde_json::json;
 use std::{collections::HashMap, time::Duration};
 use support::{TestApi, TestWorker};
@@ -20,9 +18,7 @@ const ROUTE_HOOK_SECRET: &str = "whsec_cm91dGUtaG9vay1zZWNyZXQtNzcxMw==";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_or_error_bodies() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt().with_env_filter("debug").with_writer(move || writer.clone()).with_ansi(false).init();
+    let logs = support::logs();
     let mut bodies: Vec<String> = Vec::new();
 
     let broker = PrivateBroker::start().await.expect("private broker");

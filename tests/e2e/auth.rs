@@ -1,6 +1,6 @@
 //! API keys: every route but /health and /ready needs `Authorization: Bearer <key>`.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::{email, Harness};

@@ -1,7 +1,7 @@
 //! The core pipeline for e-mail: accepted by the API, delivered by the worker through a real
 //! SMTP server, retried through the delay tiers and dead-lettered.
 
-mod support;
+use crate::support;
 
 use notify_testkit::{rabbit, smtp::Reply};
 use notify_types::{broker::header_str, broker::header_u32, headers};

@@ -1,7 +1,7 @@
 //! Bad input gets the right 4xx with field errors, in the one JSON error shape, and publishes
 //! nothing.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::Harness;

@@ -1,7 +1,7 @@
 //! Both binaries declare the topology at start: twice is harmless, and a queue that exists
 //! with other arguments stops startup with its name.
 
-mod support;
+use crate::support;
 
 use lapin::{
     options::QueueDeclareOptions,

@@ -3,7 +3,7 @@
 //! dead-lettered. The worker reaches Postgres through a loopback TCP proxy the test controls;
 //! the shared Postgres itself is never touched.
 
-mod support;
+use crate::support;
 
 use notify_worker::outcome::Settled;
 use serde_json::Value;

@@ -18,7 +18,7 @@
 //! removes them even when it fails (the lock heals nodes a failed test left down). The figures
 //! are printed (`--nocapture`).
 
-mod support;
+use crate::support;
 
 use futures_util::FutureExt;
 use notify_testkit::{private_cluster::PrivateCluster, rabbit, smtp::SmtpServer, webhook::WebhookReceiver};
@@ -583,14 +583,6 @@ async fn wait_ready(api: &TestApi, t0: Instant) -> Duration {
     }
 }
 
-/// Logs of the API and the worker on the test's output when `RUST_LOG` is set.
-fn logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let filter = tracing_subscriber::EnvFilter::from_default_env();
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
-}
-
 // ---------------------------------------------------------------- one test's world
 
 struct World {
@@ -604,7 +596,6 @@ struct World {
 
 impl World {
     async fn new(cluster: &'static PrivateCluster, test: &str) -> World {
-        logs();
         let prefix = rabbit::unique_prefix(test);
         cluster.add_vhost(&prefix).await.expect("vhost added");
         let smtp = SmtpServer::start().await;
