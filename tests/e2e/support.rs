@@ -46,14 +46,7 @@ pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<Strin
     .collect()
 }
 
-pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.to_string())
-}
-
-/// The test's own Postgres schema, named after its prefix.
-pub fn schema_of(prefix: &str) -> String {
-    prefix.replace(['-', '.'], "_")
-}
+pub use notify_testkit::db::{database_url, schema_of};
 
 /// Drops the test's schema.
 pub async fn drop_schema(settings: &HashMap<String, String>) {

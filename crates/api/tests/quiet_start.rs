@@ -8,8 +8,8 @@ use tokio::process::Command;
 #[tokio::test]
 async fn a_clean_start_and_stop_logs_no_error_or_warning() {
     let prefix = rabbit::unique_prefix("quiet-api");
-    let schema = prefix.replace(['-', '.'], "_");
-    let db_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
+    let schema = notify_testkit::db::schema_of(&prefix);
+    let db_url = notify_testkit::db::database_url();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::env::temp_dir().join(format!("{prefix}.log"));
     let out = std::fs::File::create(&log).unwrap();

@@ -95,8 +95,8 @@ async fn fire(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_finishes_in_flight_and_exits_cleanly() {
     let prefix = rabbit::unique_prefix("api-sigterm");
-    let schema = prefix.replace(['-', '.'], "_");
-    let db_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
+    let schema = notify_testkit::db::schema_of(&prefix);
+    let db_url = notify_testkit::db::database_url();
     // What the API declares with these settings (for counting and cleanup).
     let topology = Topology::new(&prefix, QueueType::Quorum, vec![Duration::from_millis(50)]);
     let conn = rabbit::connect().await;

@@ -8,9 +8,7 @@ use notify_store::{Claim, Store};
 use std::future::Future;
 use uuid::Uuid;
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
+use notify_testkit::db::database_url;
 
 /// A migrated store in a fresh schema; `body` gets two handles on it (two workers: each has
 /// its own group-commit batcher), then the schema is dropped and any panic re-raised.

@@ -15,6 +15,7 @@
 //! Every wait here is bounded and ends in a panic (or error) that says what was last seen, so a
 //! failing test explains itself instead of hanging.
 
+pub mod db;
 pub mod logs;
 pub mod mailcatcher;
 pub mod private_broker;

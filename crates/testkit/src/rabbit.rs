@@ -56,7 +56,7 @@ pub async fn connect() -> Connection {
 pub async fn connect_to(url: &str) -> Connection {
     notify_types::broker::connect(url, "notify-testkit", CONNECT_TIMEOUT)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ at {}: {e}", redact(url)))
+        .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ at {}: {e}", notify_types::config::redact_url(url)))
 }
 
 /// Ready messages in `queue`, from a passive declare; `None` if the queue does not exist.
@@ -159,20 +159,6 @@ fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
-/// The URL with its password hidden, for messages that end up in CI logs.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,7 +175,10 @@ mod tests {
 
     #[test]
     fn passwords_are_hidden_in_messages() {
-        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(
+            notify_types::config::redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(notify_types::config::redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

@@ -35,8 +35,8 @@ async fn three_workers_one_killed_one_stopped_lose_and_duplicate_nothing() {
     let _exclusive = cluster.lock().await.expect("cluster healthy");
     let prefix = rabbit::unique_prefix("cluster-workers");
     cluster.add_vhost(&prefix).await.expect("vhost added");
-    let db_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
-    let schema = prefix.replace(['-', '.'], "_");
+    let db_url = notify_testkit::db::database_url();
+    let schema = notify_testkit::db::schema_of(&prefix);
     let store = notify_store::Store::connect_lazy(&db_url, &schema, 4).unwrap();
     let mut logs = Vec::new();
     let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(drain(
@@ -255,7 +255,7 @@ impl WorkerProcess {
             .env("WORKER_CONCURRENCY", CONCURRENCY)
             .env("SMTP_URL", smtp_url)
             .env("DATABASE_URL", db_url)
-            .env("DATABASE_SCHEMA", prefix.replace(['-', '.'], "_"))
+            .env("DATABASE_SCHEMA", notify_testkit::db::schema_of(prefix))
             .env("ROUTES_FILE", ROUTES_FILE)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

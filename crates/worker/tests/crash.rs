@@ -39,9 +39,8 @@ impl Setup {
         topology.delivery_limit = delivery_limit;
         let conn = rabbit::connect().await;
         topology.declare(&conn).await.unwrap();
-        let db_url =
-            std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
-        let schema = prefix.replace(['-', '.'], "_");
+        let db_url = notify_testkit::db::database_url();
+        let schema = notify_testkit::db::schema_of(&prefix);
         Setup { prefix, schema, db_url, topology, conn, logs: Vec::new() }
     }
 

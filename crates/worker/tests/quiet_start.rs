@@ -18,9 +18,8 @@ struct Run {
 impl Run {
     fn start(test: &str, rabbitmq_url: impl FnOnce(&str) -> String) -> Run {
         let prefix = rabbit::unique_prefix(test);
-        let schema = prefix.replace(['-', '.'], "_");
-        let db_url =
-            std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
+        let schema = notify_testkit::db::schema_of(&prefix);
+        let db_url = notify_testkit::db::database_url();
         let log = std::env::temp_dir().join(format!("{prefix}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_notify-worker"))

@@ -38,7 +38,7 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
         .unwrap();
     }
 
-    let db_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| notify_types::config::DEFAULT_DATABASE_URL.into());
+    let db_url = notify_testkit::db::database_url();
     let schema = prefix.replace('-', "_");
     let child = Command::new(env!("CARGO_BIN_EXE_notify-worker"))
         .env("RABBITMQ_URL", rabbit::rabbitmq_url())
