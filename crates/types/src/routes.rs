@@ -236,10 +236,22 @@ impl Routes {
         self.webhooks.get(event)
     }
 
-    fn render(&self, event: &str, channel: Channel, field: &str, ctx: &serde_json::Value) -> Result<String, String> {
+    fn render(
+        &self,
+        event: &str,
+        channel: Channel,
+        field: &str,
+        ctx: &serde_json::Value,
+    ) -> Result<String, RenderError> {
         let name = template_name(event, channel, field);
-        let tmpl = self.env.get_template(&name).map_err(|_| format!("event `{event}` has no {channel} route"))?;
-        tmpl.render(ctx).map_err(|e| format!("rendering {channel}.{field} of `{event}` failed: {e}"))
+        let tmpl =
+            self.env.get_template(&name).map_err(|_| RenderError::NoRoute { event: event.to_string(), channel })?;
+        tmpl.render(ctx).map_err(|source| RenderError::Template {
+            event: event.to_string(),
+            channel,
+            field: field.to_string(),
+            source,
+        })
     }
 
     fn render_opt(
@@ -248,7 +260,7 @@ impl Routes {
         channel: Channel,
         field: &str,
         ctx: &serde_json::Value,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, RenderError> {
         if self.env.get_template(&template_name(event, channel, field)).is_err() {
             return Ok(None);
         }
@@ -256,7 +268,7 @@ impl Routes {
     }
 
     /// The e-mail of `event`; `ctx` holds `id`, `event`, `user_target` and `payload`.
-    pub fn render_email(&self, event: &str, ctx: &serde_json::Value) -> Result<EmailMessage, String> {
+    pub fn render_email(&self, event: &str, ctx: &serde_json::Value) -> Result<EmailMessage, RenderError> {
         Ok(EmailMessage {
             to: self.render(event, Channel::Email, "to", ctx)?.trim().to_string(),
             subject: self.render(event, Channel::Email, "subject", ctx)?,
@@ -265,7 +277,7 @@ impl Routes {
         })
     }
 
-    pub fn render_in_app(&self, event: &str, ctx: &serde_json::Value) -> Result<InAppMessage, String> {
+    pub fn render_in_app(&self, event: &str, ctx: &serde_json::Value) -> Result<InAppMessage, RenderError> {
         Ok(InAppMessage {
             user: self.render(event, Channel::InApp, "user", ctx)?.trim().to_string(),
             title: self.render(event, Channel::InApp, "title", ctx)?,
@@ -275,7 +287,7 @@ impl Routes {
     }
 
     /// The in-app item's `data` from the route's `data` templates; `None` when it names none.
-    fn render_data(&self, event: &str, ctx: &serde_json::Value) -> Result<Option<serde_json::Value>, String> {
+    fn render_data(&self, event: &str, ctx: &serde_json::Value) -> Result<Option<serde_json::Value>, RenderError> {
         let keys = self.in_app_data.get(event).map(Vec::as_slice).unwrap_or_default();
         if keys.is_empty() {
             return Ok(None);
@@ -287,6 +299,21 @@ impl Routes {
         }
         Ok(Some(serde_json::Value::Object(data)))
     }
+}
+
+/// Why an event could not be rendered for a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("event `{event}` has no {channel} route")]
+    NoRoute { event: String, channel: Channel },
+    #[error("rendering {channel}.{field} of `{event}` failed: {source}")]
+    Template {
+        event: String,
+        channel: Channel,
+        field: String,
+        #[source]
+        source: minijinja::Error,
+    },
 }
 
 fn new_env() -> Environment<'static> {
@@ -390,7 +417,7 @@ secret = "${HOOK_SECRET}"
         let r = Routes::parse(GOOD, "routes.toml", &env).unwrap();
         let e =
             r.render_email("password.reset", &json!({"user_target": "u1", "payload": {"email": "a@b.c"}})).unwrap_err();
-        assert!(e.contains("password.reset"), "{e}");
+        assert!(matches!(&e, RenderError::Template { event, .. } if event == "password.reset"), "{e}");
     }
 
     #[test]
@@ -456,7 +483,7 @@ mod shipped_file {
         for bad in ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,x", "/relative", "http://"] {
             let ctx = serde_json::json!({"id": "1", "event": "password.reset", "user_target": "u1",
                 "payload": {"email": "ann@example.com", "reset_link": bad}});
-            let e = r.render_email("password.reset", &ctx).unwrap_err();
+            let e = r.render_email("password.reset", &ctx).unwrap_err().to_string();
             assert!(e.contains("not an http or https URL"), "{bad}: {e}");
         }
     }

@@ -8,7 +8,9 @@ use crate::{
     outcome::{DeadReason, Outcome},
 };
 use notify_store::NewInboxItem;
-use notify_types::{Channel, EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage};
+use notify_types::{
+    routes::RenderError, Channel, EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage,
+};
 
 pub enum Job<'a> {
     /// An e-mail, holding one of the SMTP pool's conversations: the slot is taken before the
@@ -47,7 +49,8 @@ impl<'a> Job<'a> {
             "created_at": env.created_at,
         });
         let routes = &deliverer.routes;
-        let template_error = |e| Outcome::Dead { reason: DeadReason::Permanent, error: format!("template error: {e}") };
+        let template_error =
+            |e: RenderError| Outcome::Dead { reason: DeadReason::Permanent, error: format!("template error: {e}") };
         match channel {
             Channel::Email => {
                 let message = routes.render_email(event, &ctx).map_err(template_error)?;
