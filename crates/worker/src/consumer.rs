@@ -5,6 +5,8 @@
 use crate::{
     channels::{email::EmailSender, webhook::WebhookSender},
     deliver::Deliverer,
+    http::{self, Readiness},
+    metrics,
     outcome::DeadReason,
     settle::{Settled, Settler},
     Outcome, WorkerConfig,
@@ -24,6 +26,7 @@ use notify_types::{
     Channel, Envelope, TopologyError,
 };
 use std::{
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -48,6 +51,10 @@ pub struct Worker {
     config: WorkerConfig,
     deliverer: Arc<Deliverer>,
     reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
+    /// Bound at build, served while `run` runs.
+    http: Option<tokio::net::TcpListener>,
+    http_addr: SocketAddr,
+    readiness: Arc<Readiness>,
 }
 
 struct Ctx {
@@ -84,7 +91,19 @@ impl Worker {
             store,
             webhook_secret: config.webhook_secret.clone(),
         };
-        Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None })
+        // Before anything records; then every series exists at zero for the first scrape.
+        notify_types::metrics::prometheus();
+        metrics::init(&config.channels);
+        let http = http::bind(&config.http_host, config.http_port).await?;
+        let http_addr = http.local_addr()?;
+        tracing::info!(addr = %http_addr, "HTTP listener: /health, /ready, /metrics");
+        let readiness = Arc::new(Readiness::default());
+        Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None, http: Some(http), http_addr, readiness })
+    }
+
+    /// Where `/health`, `/ready` and `/metrics` answer (the port, if `WORKER_HTTP_PORT` was 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// A stream of delivery reports (one per settled delivery).
@@ -96,7 +115,20 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled. Reconnects after broker loss; returns an error only
     /// for what reconnecting cannot fix (a topology mismatch).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Up first, so liveness answers while the database and the broker are awaited; stops
+        // (dropped) when `run` returns.
+        let pool = self.deliverer.email.pool();
+        let state = http::State {
+            readiness: self.readiness.clone(),
+            store: self.deliverer.store.clone(),
+            sample: Box::new(move || {
+                let (in_use, idle) = pool.usage();
+                metrics::smtp_pool(in_use, idle);
+            }),
+        };
+        let listener = self.http.take().expect("run takes the listener once");
+        let _http = http::spawn(listener, Arc::new(state));
         // The send guard needs the tables: wait for Postgres before taking any message.
         let mut backoff = Duration::from_millis(200);
         while let Err(e) = self.deliverer.store.migrate().await {
@@ -214,11 +246,17 @@ impl Worker {
             consumers.push((ch, tag));
         }
 
+        let counting = conn.create_channel().await?;
+        self.readiness.set_consuming(true);
         let end = tokio::select! {
             _ = shutdown.cancelled() => SessionEnd::Stopped,
             _ = loops.join_next() => SessionEnd::Lost,
             _ = connection_lost(pub_conn) => SessionEnd::Lost,
+            _ = metrics::watch_dead_letters(&counting, &self.config.topology, &self.config.channels, self.config.dead_letter_interval) => SessionEnd::Lost,
         };
+        // Unready at once, not after the drain below (which may take WORKER_SHUTDOWN_TIMEOUT).
+        self.readiness.set_consuming(false);
+        let _ = tokio::time::timeout(Duration::from_secs(2), counting.close(200, "session ended".into())).await;
         // Stop taking new deliveries; what was prefetched but not started goes back to the
         // queue when its channel closes.
         stop.cancel();
@@ -282,6 +320,7 @@ async fn consume_loop(
             Some(Ok(delivery)) => {
                 let ctx = ctx.clone();
                 tracker.spawn(async move {
+                    let _in_flight = metrics::in_flight(channel);
                     process(&ctx, channel, delivery).await;
                     drop(permit);
                 });
@@ -306,8 +345,9 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
             let span =
                 tracing::warn_span!("delivery", %channel, attempt, message_id = ?delivery.properties.message_id());
             let outcome = Outcome::Dead { reason: DeadReason::Unparseable, error };
+            let started = Instant::now();
             let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).instrument(span).await;
-            report(ctx, None, channel, attempt, settled);
+            report(ctx, None, channel, attempt, settled, started.elapsed(), None);
             return;
         }
     };
@@ -336,13 +376,23 @@ async fn process(ctx: &Ctx, channel: Channel, delivery: Delivery) {
         };
         let settled = ctx.settler.settle(channel, &delivery, attempt, outcome).await;
         tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
-        report(ctx, Some(env.id), channel, attempt, settled);
+        report(ctx, Some(env.id), channel, attempt, settled, started.elapsed(), Some(env.created_at));
     }
     .instrument(span)
     .await
 }
 
-fn report(ctx: &Ctx, id: Option<Uuid>, channel: Channel, attempt: u32, settled: Settled) {
+/// The one place a settled delivery is counted (metrics) and reported (tests).
+fn report(
+    ctx: &Ctx,
+    id: Option<Uuid>,
+    channel: Channel,
+    attempt: u32,
+    settled: Settled,
+    elapsed: Duration,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    metrics::delivery(channel, &settled, elapsed, created_at);
     if let Some(tx) = &ctx.reports {
         let _ = tx.send(DeliveryReport { id, channel, attempt, settled });
     }

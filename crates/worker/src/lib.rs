@@ -6,6 +6,8 @@ pub mod channels;
 pub mod config;
 pub mod consumer;
 pub mod deliver;
+pub mod http;
+pub mod metrics;
 pub mod outcome;
 pub mod settle;
 

@@ -23,6 +23,8 @@ pub enum Settled {
     Retrying {
         next_attempt: u32,
         delay: Duration,
+        /// The delay tier (retry queue) it went to; `delay` is the tier's TTL less jitter.
+        tier: Duration,
     },
     DeadLettered {
         reason: DeadReason,
@@ -143,7 +145,7 @@ impl Settler {
             .with_expiration(delay.as_millis().to_string().into());
         publish_confirmed(&self.publish, "", &queue, &delivery.data, props, self.timeout).await?;
         tracing::info!(next_attempt, delay_ms = delay.as_millis() as u64, %error, "retry scheduled");
-        Ok(Settled::Retrying { next_attempt, delay })
+        Ok(Settled::Retrying { next_attempt, delay, tier })
     }
 
     async fn dead_letter(
