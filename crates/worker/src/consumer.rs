@@ -92,8 +92,7 @@ impl Worker {
             webhook_secret: config.webhook_secret.clone(),
         };
         // Before anything records; then every series exists at zero for the first scrape.
-        notify_types::metrics::prometheus();
-        metrics::init(&config.channels);
+        metrics::init();
         let http = http::bind(&config.http_host, config.http_port).await?;
         let http_addr = http.local_addr()?;
         tracing::info!(addr = %http_addr, "HTTP listener: /health, /ready, /metrics");

@@ -60,10 +60,34 @@ fn series(channel: Channel) -> &'static Series {
     &all[Channel::ALL.iter().position(|c| *c == channel).expect("Channel::ALL lists every channel")]
 }
 
-/// Registers every series at zero, so a scrape before the first delivery already shows them
-/// (a rate over a series that appears only later misses its first increments).
-pub fn init(channels: &[Channel]) {
-    for &channel in channels {
+/// Describes the metrics (the `# HELP` lines) and registers every per-channel series at zero,
+/// so a scrape before the first delivery already shows them (a rate over a series that
+/// appears only later misses its first increments).
+pub fn init() {
+    notify_types::metrics::prometheus();
+    metrics::describe_counter!(
+        DELIVERIES,
+        "Settled deliveries by channel and outcome (delivered, retry, dead, deferred, duplicate, requeued)."
+    );
+    metrics::describe_histogram!(
+        DELIVERY_DURATION,
+        metrics::Unit::Seconds,
+        "One delivery attempt: send, record and settle."
+    );
+    metrics::describe_histogram!(
+        END_TO_END,
+        metrics::Unit::Seconds,
+        "From the API's acceptance (created_at) to delivered."
+    );
+    metrics::describe_gauge!(IN_FLIGHT, "Deliveries being worked on now.");
+    metrics::describe_counter!(RETRIES, "Retries scheduled, by delay tier.");
+    metrics::describe_gauge!(DEAD_LETTERS, "Messages waiting in the channel's dead-letter queue (sampled on a timer).");
+    metrics::describe_gauge!(SMTP_CONNECTIONS, "SMTP pool: conversations reserved (in_use) and open connections idle.");
+    metrics::describe_histogram!(
+        "notify_store_group_commit_batch_size",
+        "Writes carried by one group-commit round of the send guard."
+    );
+    for channel in Channel::ALL {
         series(channel);
     }
 }

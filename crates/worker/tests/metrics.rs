@@ -76,9 +76,11 @@ impl WorkerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
             let logs = worker.logs();
-            if let Some(addr) = logs.lines().filter(|l| l.contains("HTTP listener")).find_map(|l| {
-                l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_string)
-            }) {
+            if let Some(addr) = logs
+                .lines()
+                .filter(|l| l.contains("HTTP listener"))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")).map(str::to_string))
+            {
                 break addr;
             }
             if let Ok(Some(status)) = worker.child.try_wait() {
@@ -217,7 +219,9 @@ async fn metrics_count_exactly_what_went_through_the_pipeline() {
         let (_, text) = get(&http, &format!("{}/metrics", worker.base)).await.unwrap();
         match sample(&text, "notify_dead_letters", &email) {
             Some(n) if n == 5.0 => break,
-            seen => assert!(Instant::now() < deadline, "notify_dead_letters{{channel=email}} not 5 within 10 s: {seen:?}"),
+            seen => {
+                assert!(Instant::now() < deadline, "notify_dead_letters{{channel=email}} not 5 within 10 s: {seen:?}")
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -287,7 +291,10 @@ async fn ready_follows_the_broker_and_health_stays_up() {
     assert_eq!(body["status"], "not_ready", "{body}");
     assert_eq!(body["checks"]["broker"], "disconnected", "{body}");
     assert_eq!(body["checks"]["database"], "connected", "{body}");
-    println!("broker stop took {stop_took:?}; /ready 503 {unready:?} after the node was down ({:?} after the stop began)", stop_took + unready);
+    println!(
+        "broker stop took {stop_took:?}; /ready 503 {unready:?} after the node was down ({:?} after the stop began)",
+        stop_took + unready
+    );
 
     let restarting = Instant::now();
     broker.restart().await.expect("node restarts");
