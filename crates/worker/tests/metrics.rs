@@ -97,6 +97,14 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `notify-worker healthcheck` (the compose healthcheck) against this worker's port.
+    async fn healthcheck(&self) -> bool {
+        let port = self.base.rsplit_once(':').expect("http://HOST:PORT").1;
+        let run =
+            Command::new(env!("CARGO_BIN_EXE_notify-worker")).arg("healthcheck").env("WORKER_HTTP_PORT", port).status();
+        tokio::time::timeout(Duration::from_secs(10), run).await.expect("healthcheck ends").unwrap().success()
+    }
+
     async fn stop(mut self) {
         let pid = self.child.id().expect("worker still running").to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -263,6 +271,7 @@ async fn ready_follows_the_broker_and_health_stays_up() {
 
     let took = wait_for_status(&client, &ready, 200, Duration::from_secs(30)).await;
     println!("ready after start: {took:?}");
+    assert!(worker.healthcheck().await, "`notify-worker healthcheck` exits 0 while ready");
 
     // /health, every 100 ms from now until the broker is back: every answer must be 200.
     let stop_polling = Arc::new(AtomicBool::new(false));
@@ -291,6 +300,7 @@ async fn ready_follows_the_broker_and_health_stays_up() {
     assert_eq!(body["status"], "not_ready", "{body}");
     assert_eq!(body["checks"]["broker"], "disconnected", "{body}");
     assert_eq!(body["checks"]["database"], "connected", "{body}");
+    assert!(!worker.healthcheck().await, "`notify-worker healthcheck` exits 1 while unready");
     println!(
         "broker stop took {stop_took:?}; /ready 503 {unready:?} after the node was down ({:?} after the stop began)",
         stop_took + unready
