@@ -226,7 +226,7 @@ async fn metrics_count_exactly_what_went_through_the_pipeline() {
     loop {
         let (_, text) = get(&http, &format!("{}/metrics", worker.base)).await.unwrap();
         match sample(&text, "notify_dead_letters", &email) {
-            Some(n) if n == 5.0 => break,
+            Some(5.0) => break,
             seen => {
                 assert!(Instant::now() < deadline, "notify_dead_letters{{channel=email}} not 5 within 10 s: {seen:?}")
             }
