@@ -204,6 +204,12 @@ def check_compose(documented: set[str]) -> None:
     for name in ("rabbitmq", "postgres"):
         check(bool(svc(name).get("healthcheck")),
               f"docker-compose.yml: {name} needs a healthcheck (api/worker wait on it)")
+    for name, s in services.items():
+        if notify_command(s) == "notify-worker":
+            test = ((s or {}).get("healthcheck") or {}).get("test") or []
+            check(list(test)[1:] == ["notify-worker", "healthcheck"],
+                  f"docker-compose.yml: {name} needs healthcheck `notify-worker healthcheck` "
+                  f"(GET /ready on its listener; the image has no curl), found {test!r}")
     for name in ("api", "worker"):
         deps = svc(name).get("depends_on") or {}
         for dep in ("rabbitmq", "postgres"):
@@ -458,6 +464,7 @@ def check_k8s(documented: set[str]) -> None:
                   f"deploy/k8s: {secret_key} belongs in the Secret, not the ConfigMap")
     deployments = [o for o in objects if o.get("kind") == "Deployment"]
     check(len(deployments) >= 2, "deploy/k8s: expected Deployments for api and worker")
+    check_worker_probes("deploy/k8s/base", objects)
     for d in deployments:
         name = d["metadata"]["name"]
         pod = d["spec"]["template"]["spec"]
@@ -467,6 +474,51 @@ def check_k8s(documented: set[str]) -> None:
                   f"deploy/k8s: {name}/{c['name']} must envFrom configMap notify-config")
             check(("secretRef", "notify-secrets") in refs,
                   f"deploy/k8s: {name}/{c['name']} must envFrom secret notify-secrets")
+
+
+@functools.lru_cache(maxsize=None)
+def worker_http_port_default() -> int:
+    """WORKER_HTTP_PORT's default, read from crates/worker/src/config.rs."""
+    src = ROOT / "crates" / "worker" / "src" / "config.rs"
+    m = re.search(r'"WORKER_HTTP_PORT",\s*(\d+)u16', src.read_text()) if src.is_file() else None
+    if m is None:
+        notes.append("WORKER_HTTP_PORT default not found in crates/worker/src/config.rs; assuming 9920")
+        return 9920
+    return int(m.group(1))
+
+
+def check_worker_probes(where: str, objects: list) -> None:
+    """The worker's liveness (/health) and readiness (/ready) probes and its Prometheus
+    annotations must reach the port its listener binds: WORKER_HTTP_PORT from the ConfigMap
+    notify-config (or the env of the container), else the code's default."""
+    worker = next((o for o in objects if o.get("kind") == "Deployment"
+                   and notify_command(container_of(o)) == "notify-worker"), None)
+    if not check(worker is not None, f"{where}: no notify-worker Deployment"):
+        return
+    c = container_of(worker)
+    cm = next((o for o in objects if o.get("kind") == "ConfigMap"
+               and (o.get("metadata") or {}).get("name") == "notify-config"), None)
+    port = str(((cm or {}).get("data") or {}).get("WORKER_HTTP_PORT", worker_http_port_default()))
+    for e in c.get("env") or []:
+        if e.get("name") == "WORKER_HTTP_PORT" and "value" in e:
+            port = str(e["value"])
+    named = {p.get("name"): p.get("containerPort") for p in c.get("ports") or [] if p.get("name")}
+    declared = {str(p.get("containerPort")) for p in c.get("ports") or []}
+    check(port in declared,
+          f"{where}: notify-worker listens on {port} (WORKER_HTTP_PORT) but declares containerPorts {sorted(declared)}")
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        if not check(bool(get), f"{where}: notify-worker needs an httpGet {probe} on {path}"):
+            continue
+        target = str(named.get(get.get("port"), get.get("port")))
+        check(target == port,
+              f"{where}: notify-worker {probe} goes to port {get.get('port')!r} ({target}), its listener is on {port}")
+        check(get.get("path") == path, f"{where}: notify-worker {probe} path is {get.get('path')!r}, expected {path}")
+    annotations = ((worker["spec"]["template"].get("metadata") or {}).get("annotations") or {})
+    check(str(annotations.get("prometheus.io/scrape")) == "true",
+          f"{where}: notify-worker pods need the annotation prometheus.io/scrape: \"true\"")
+    check(str(annotations.get("prometheus.io/port")) == port,
+          f"{where}: notify-worker's prometheus.io/port is {annotations.get('prometheus.io/port')!r}, its listener is on {port}")
 
 
 # ------------------------------------------------------------------------- rendered k8s overlays
@@ -853,12 +905,14 @@ def check_k8s_rendered() -> None:
     plain = kustomize(k8s)
     if plain:
         schema_check("deploy/k8s", plain)
+        check_worker_probes("deploy/k8s", plain)
     for ov in overlays:
         objects = kustomize(ov)
         if objects:
             kdoc = (load_yaml_docs(ov / "kustomization.yaml") or [{}])[0]
             check(bool(kdoc.get("namespace")), f"{ov.relative_to(ROOT)}: set a namespace (the URLs name it)")
             check_overlay(str(ov.relative_to(ROOT)), objects, kdoc)
+            check_worker_probes(str(ov.relative_to(ROOT)), objects)
 
 
 def main() -> int:

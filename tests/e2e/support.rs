@@ -35,6 +35,8 @@ pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<Strin
         ("API_HOST", "127.0.0.1"),
         ("API_PORT", "0"),
         ("API_HTTP_WORKERS", "2"),
+        ("WORKER_HTTP_HOST", "127.0.0.1"),
+        ("WORKER_HTTP_PORT", "0"),
         ("DATABASE_URL", &database_url()),
         ("DATABASE_SCHEMA", &schema_of(prefix)),
         ("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/config/routes.toml")),

@@ -681,6 +681,9 @@ async fn wait_ready(api: &mut Proc, target: &load::Api) -> anyhow::Result<()> {
 async fn start_worker(ctx: &Ctx, name: &str, channel: Channel, env: &HashMap<String, String>) -> anyhow::Result<Proc> {
     let mut env = env.clone();
     env.insert("WORKER_CHANNELS".into(), channel.as_str().into());
+    // Several workers run at once: each gets a free port for its probes and metrics.
+    env.insert("WORKER_HTTP_HOST".into(), "127.0.0.1".into());
+    env.insert("WORKER_HTTP_PORT".into(), "0".into());
     let mut worker = Proc::spawn(name, &ctx.bins()?.worker, &env, &ctx.logdir)?;
     let queue = ctx.topology.queue(channel);
     let deadline = Instant::now() + Duration::from_secs(30);

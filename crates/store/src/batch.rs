@@ -148,7 +148,9 @@ impl Stats {
         let kinds = [batch.claims.len(), batch.delivered.len(), batch.inbox.len()];
         let statements = kinds.iter().filter(|n| **n > 0).count() as u64;
         self.statements.fetch_add(statements, Ordering::Relaxed);
-        self.writes.fetch_add(kinds.iter().sum::<usize>() as u64, Ordering::Relaxed);
+        let writes = kinds.iter().sum::<usize>();
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        metrics::histogram!("notify_store_group_commit_batch_size").record(writes as f64);
     }
 }
 

@@ -42,6 +42,11 @@ pub struct WorkerConfig {
     /// Deliveries of one message that may die mid-way (the process crashed) before the worker
     /// dead-letters it itself. Below the queue's DELIVERY_LIMIT, which stays as the backstop.
     pub crash_limit: u32,
+    /// The probe and metrics port (`/health`, `/ready`, `/metrics`); port 0 picks a free one.
+    pub http_host: String,
+    pub http_port: u16,
+    /// How often the dead-letter queues are counted for `notify_dead_letters`.
+    pub dead_letter_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -91,6 +96,9 @@ impl WorkerConfig {
             webhook_allow_private: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
             webhook_secret: src.get("WEBHOOK_SECRET"),
             crash_limit: cfg::bounded(src, "WORKER_CRASH_LIMIT", 3, 1, 1000)? as u32,
+            http_host: cfg::string(src, "WORKER_HTTP_HOST", "0.0.0.0"),
+            http_port: cfg::parse(src, "WORKER_HTTP_PORT", 9920u16)?,
+            dead_letter_interval: cfg::duration(src, "WORKER_DEAD_LETTER_INTERVAL", Duration::from_secs(15))?,
         })
     }
 }
@@ -110,6 +118,7 @@ mod tests {
         assert_eq!(c.max_attempts, 6);
         assert_eq!((c.concurrency, c.prefetch), (128, 256));
         assert_eq!(c.channels, vec![Channel::Email, Channel::Webhook, Channel::InApp]);
+        assert_eq!((c.http_host.as_str(), c.http_port), ("0.0.0.0", 9920));
     }
 
     #[test]
@@ -121,6 +130,7 @@ mod tests {
             ("RETRY_JITTER", "1.5"),
             ("MAX_ATTEMPTS", "0"),
             ("QUEUE_TYPE", "stream"),
+            ("WORKER_HTTP_PORT", "99999"),
         ] {
             let e = WorkerConfig::from_source(&src(&[(key, value)])).unwrap_err();
             assert_eq!(e.key, key, "{e}");

@@ -7,6 +7,8 @@ use crate::{
     config::WorkerConfig,
     deliver::Deliverer,
     execute::Executor,
+    http::{self, Readiness},
+    metrics,
     pipeline::{DeliveryReport, Pipeline},
     plan::RetryPolicy,
 };
@@ -18,7 +20,7 @@ use lapin::{
 };
 use notify_store::Store;
 use notify_types::{broker::Failover, routes::Routes, Channel, TopologyError};
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
@@ -30,6 +32,10 @@ pub struct Worker {
     config: WorkerConfig,
     deliverer: Arc<Deliverer>,
     reports: Option<mpsc::UnboundedSender<DeliveryReport>>,
+    /// Bound at build, served while `run` runs.
+    http: Option<tokio::net::TcpListener>,
+    http_addr: SocketAddr,
+    readiness: Arc<Readiness>,
 }
 
 enum SessionEnd {
@@ -60,7 +66,18 @@ impl Worker {
             store,
             webhook_secret: config.webhook_secret.clone(),
         };
-        Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None })
+        // Before anything records; then every series exists at zero for the first scrape.
+        metrics::init();
+        let http = http::bind(&config.http_host, config.http_port).await?;
+        let http_addr = http.local_addr()?;
+        tracing::info!(addr = %http_addr, "HTTP listener: /health, /ready, /metrics");
+        let readiness = Arc::new(Readiness::default());
+        Ok(Worker { config, deliverer: Arc::new(deliverer), reports: None, http: Some(http), http_addr, readiness })
+    }
+
+    /// Where `/health`, `/ready` and `/metrics` answer (the port, if `WORKER_HTTP_PORT` was 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// A stream of delivery reports (one per settled delivery).
@@ -72,7 +89,20 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled. Reconnects after broker loss; returns an error only
     /// for what reconnecting cannot fix (a topology mismatch).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Up first, so liveness answers while the database and the broker are awaited; stops
+        // (dropped) when `run` returns.
+        let pool = self.deliverer.email.pool();
+        let state = http::State {
+            readiness: self.readiness.clone(),
+            store: self.deliverer.store.clone(),
+            sample: Box::new(move || {
+                let (in_use, idle) = pool.usage();
+                metrics::smtp_pool(in_use, idle);
+            }),
+        };
+        let listener = self.http.take().expect("run takes the listener once");
+        let _http = http::spawn(listener, Arc::new(state));
         // The send guard needs the tables: wait for Postgres before taking any message.
         let mut backoff = Duration::from_millis(200);
         while let Err(e) = self.deliverer.store.migrate().await {
@@ -189,11 +219,17 @@ impl Worker {
             consumers.push((ch, tag));
         }
 
+        let counting = conn.create_channel().await?;
+        self.readiness.set_consuming(true);
         let end = tokio::select! {
             _ = shutdown.cancelled() => SessionEnd::Stopped,
             _ = loops.join_next() => SessionEnd::Lost,
             _ = connection_lost(pub_conn) => SessionEnd::Lost,
+            _ = metrics::watch_dead_letters(&counting, &self.config.topology, &self.config.channels, self.config.dead_letter_interval) => SessionEnd::Lost,
         };
+        // Unready at once, not after the drain below (which may take WORKER_SHUTDOWN_TIMEOUT).
+        self.readiness.set_consuming(false);
+        let _ = tokio::time::timeout(Duration::from_secs(2), counting.close(200, "session ended".into())).await;
         // Stop taking new deliveries; what was prefetched but not started goes back to the
         // queue when its channel closes.
         stop.cancel();
@@ -257,6 +293,7 @@ async fn consume_loop(
             Some(Ok(delivery)) => {
                 let pipeline = pipeline.clone();
                 tracker.spawn(async move {
+                    let _in_flight = metrics::in_flight(channel);
                     pipeline.process(channel, delivery).await;
                     drop(permit);
                 });

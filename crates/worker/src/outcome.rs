@@ -86,6 +86,8 @@ pub enum Settled {
     Retrying {
         next_attempt: u32,
         delay: Duration,
+        /// The delay tier (retry queue) it went to; `delay` is the tier's TTL less jitter.
+        tier: Duration,
     },
     DeadLettered {
         reason: DeadReason,

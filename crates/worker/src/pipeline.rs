@@ -5,6 +5,7 @@
 use crate::{
     deliver::Deliverer,
     execute::Executor,
+    metrics,
     outcome::Settled,
     plan::{plan, RetryPolicy},
     received::Received,
@@ -12,7 +13,10 @@ use crate::{
 };
 use lapin::message::Delivery;
 use notify_types::Channel;
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -44,14 +48,18 @@ impl Pipeline {
             let outcome = record(&self.deliverer.store, &received, outcome).await;
             let plan = plan(&received, outcome, &self.policy, chrono::Utc::now(), &mut rand::rng());
             let settled = self.executor.execute(&delivery, plan).await;
-            tracing::info!(?settled, elapsed_ms = started.elapsed().as_millis() as u64, "delivery settled");
-            self.report(&received, settled);
+            let elapsed = started.elapsed();
+            tracing::info!(?settled, elapsed_ms = elapsed.as_millis() as u64, "delivery settled");
+            self.report(&received, settled, elapsed);
         }
         .instrument(span)
         .await
     }
 
-    fn report(&self, received: &Received, settled: Settled) {
+    /// The one place a settled delivery is counted (metrics) and reported (tests).
+    fn report(&self, received: &Received, settled: Settled, elapsed: Duration) {
+        let created_at = received.envelope.as_ref().ok().map(|env| env.created_at);
+        metrics::delivery(received.channel, &settled, elapsed, created_at);
         if let Some(tx) = &self.reports {
             let id = received.envelope.as_ref().ok().map(|env| env.id);
             let _ = tx.send(DeliveryReport { id, channel: received.channel, attempt: received.attempt, settled });

@@ -68,7 +68,7 @@ pub fn plan(
                 queue: topology.retry_queue(channel, tier),
                 expiration: delay,
                 headers: vec![(headers::ATTEMPT, Header::U32(next_attempt)), last_error(&error)],
-                settled: Settled::Retrying { next_attempt, delay },
+                settled: Settled::Retrying { next_attempt, delay, tier },
             }
         }
         // Our infrastructure failed: the same attempt again later. Deferrals back off through

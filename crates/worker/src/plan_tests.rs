@@ -75,7 +75,7 @@ fn each_retry_goes_to_its_tier_with_jitter_only_shortening() {
             assert_eq!(header(&headers, headers::ATTEMPT), Some(&Header::U32(attempt + 1)));
             assert_eq!(header(&headers, headers::LAST_ERROR), Some(&Header::Text("451 busy".into())));
             assert_eq!(header(&headers, headers::SENT), None);
-            assert_eq!(settled, Settled::Retrying { next_attempt: attempt + 1, delay: expiration });
+            assert_eq!(settled, Settled::Retrying { next_attempt: attempt + 1, delay: expiration, tier });
             delays.push(expiration);
         }
         delays.sort();

@@ -252,6 +252,8 @@ impl WorkerProcess {
             .env("NOTIFY_PREFIX", prefix)
             .env("RETRY_SCHEDULE", "50ms")
             .env("WORKER_CHANNELS", "in_app")
+            .env("WORKER_HTTP_HOST", "127.0.0.1")
+            .env("WORKER_HTTP_PORT", "0")
             .env("WORKER_CONCURRENCY", CONCURRENCY)
             .env("SMTP_URL", smtp_url)
             .env("DATABASE_URL", db_url)

@@ -84,6 +84,8 @@ impl Setup {
             .env("DELIVERY_LIMIT", self.topology.delivery_limit.to_string())
             .env("SMTP_URL", smtp.url())
             .env("WORKER_CHANNELS", "email")
+            .env("WORKER_HTTP_HOST", "127.0.0.1")
+            .env("WORKER_HTTP_PORT", "0")
             .env("RUST_LOG", "info")
             .env("DATABASE_URL", &self.db_url)
             .env("DATABASE_SCHEMA", &self.schema)

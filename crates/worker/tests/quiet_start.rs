@@ -29,6 +29,8 @@ impl Run {
             .env("DATABASE_SCHEMA", &schema)
             .env("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/routes.toml"))
             .env("ORDER_WEBHOOK_URL", "https://hooks.example.com/orders")
+            .env("WORKER_HTTP_HOST", "127.0.0.1")
+            .env("WORKER_HTTP_PORT", "0")
             .env_remove("RUST_LOG")
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))

@@ -48,6 +48,8 @@ async fn sigterm_finishes_in_flight_deliveries_and_loses_nothing() {
         .env("WORKER_CONCURRENCY", "4")
         .env("WORKER_PREFETCH", "10")
         .env("WORKER_CHANNELS", "email")
+        .env("WORKER_HTTP_HOST", "127.0.0.1")
+        .env("WORKER_HTTP_PORT", "0")
         .env("RUST_LOG", "info")
         .env("DATABASE_URL", &db_url)
         .env("DATABASE_SCHEMA", &schema)

@@ -25,6 +25,11 @@ impl EmailSender {
         Ok(EmailSender { pool: Arc::new(pool), from: from.parse()? })
     }
 
+    /// The SMTP pool, for its usage gauges.
+    pub fn pool(&self) -> Arc<SmtpPool> {
+        self.pool.clone()
+    }
+
     /// Waits for one of the SMTP pool's conversations (see [`Slot`]).
     pub async fn reserve(&self) -> Slot<'_> {
         self.pool.reserve().await

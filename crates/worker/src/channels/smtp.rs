@@ -86,6 +86,7 @@ pub struct SmtpPool {
     timeout: Duration,
     idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
     slots: Semaphore,
+    size: usize,
 }
 
 /// The right to one of the pool's `size` conversations. A delivery takes it before it claims
@@ -132,7 +133,14 @@ impl SmtpPool {
             timeout,
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(size as usize),
+            size: size as usize,
         })
+    }
+
+    /// Conversations reserved by deliveries, and open connections waiting idle (the metrics).
+    pub fn usage(&self) -> (usize, usize) {
+        let in_use = self.size.saturating_sub(self.slots.available_permits());
+        (in_use, self.idle.lock().expect("pool lock").len())
     }
 
     /// Waits for one of the `size` conversations.
