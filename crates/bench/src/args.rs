@@ -10,6 +10,8 @@ use std::{path::PathBuf, time::Duration};
 #[command(
     name = "notify-bench",
     about,
+    // As before clap: a repeated option is no error, the last one counts.
+    args_override_self = true,
     after_help = "notify-bench --clean bench-XXXXXXXX deletes what a killed run left behind.\n\
                   Build in release: cargo run -p notify-bench --release -- [OPTIONS]"
 )]
@@ -134,5 +136,7 @@ mod tests {
             Cli::try_parse_from(["notify-bench", "--queue-type", "classic", "--clean", "bench-1a2b3c4d"]).unwrap();
         assert_eq!(cli.queue_type, QueueType::Classic);
         assert_eq!(cli.clean.as_deref(), Some("bench-1a2b3c4d"));
+        let cli = Cli::try_parse_from(["notify-bench", "--duration", "3", "--duration", "4"]).unwrap();
+        assert_eq!(cli.duration, Some(Duration::from_secs(4)));
     }
 }
