@@ -19,3 +19,6 @@ pub const DEFERRALS: &str = "x-notify-deferrals";
 /// Set on a message that was sent but whose record failed: when it comes back, the worker only
 /// records the delivery, it never sends again.
 pub const SENT: &str = "x-notify-sent";
+/// How many times this notification was replayed from its channel's dead letters (operator
+/// replay, `notify-admin` or `POST /api/v1/dead-letters/replay`); counts toward `REPLAY_LIMIT`.
+pub const REPLAYS: &str = "x-notify-replays";

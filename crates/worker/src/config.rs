@@ -6,6 +6,8 @@ use std::time::Duration;
 /// derives its raw consumer's prefetch from it).
 pub const DEFAULT_CONCURRENCY: u64 = 128;
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of the worker, read once at start.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -42,6 +44,13 @@ pub struct WorkerConfig {
     /// Deliveries of one message that may die mid-way (the process crashed) before the worker
     /// dead-letters it itself. Below the queue's DELIVERY_LIMIT, which stays as the backstop.
     pub crash_limit: u32,
+    /// Whether this worker moves its channels' dead letters from the broker's dead queues into
+    /// PostgreSQL (`DEAD_LETTER_INDEX`). Off: they stay in the queues, unlisted.
+    pub dead_letter_index: bool,
+    /// Ages and batch size of the retention purge.
+    pub retention: notify_store::Retention,
+    /// How often the retention purge runs (`RETENTION_INTERVAL`).
+    pub retention_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -91,6 +100,15 @@ impl WorkerConfig {
             webhook_allow_private: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
             webhook_secret: src.get("WEBHOOK_SECRET"),
             crash_limit: cfg::bounded(src, "WORKER_CRASH_LIMIT", 3, 1, 1000)? as u32,
+            dead_letter_index: cfg::parse(src, "DEAD_LETTER_INDEX", true)?,
+            retention: notify_store::Retention {
+                deliveries: cfg::duration(src, "RETENTION_DELIVERIES", DAY * 30)?,
+                inbox_items: cfg::duration(src, "RETENTION_INBOX", DAY * 90)?,
+                idempotency_keys: cfg::duration(src, "RETENTION_IDEMPOTENCY_KEYS", DAY)?,
+                dead_letters: cfg::duration(src, "RETENTION_DEAD_LETTERS", DAY * 30)?,
+                batch: cfg::bounded(src, "RETENTION_BATCH", 500, 1, 100_000)? as i64,
+            },
+            retention_interval: cfg::duration(src, "RETENTION_INTERVAL", Duration::from_secs(600))?,
         })
     }
 }

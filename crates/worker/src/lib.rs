@@ -5,8 +5,10 @@
 pub mod channels;
 pub mod config;
 pub mod consumer;
+pub mod dead_letters;
 pub mod deliver;
 pub mod outcome;
+pub mod retention;
 pub mod settle;
 
 pub use config::WorkerConfig;
