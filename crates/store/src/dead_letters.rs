@@ -229,7 +229,14 @@ impl Store {
             q.push(" AND (dead_at, id) < (").push_bind(at).push(", ").push_bind(id).push(")");
         }
         q.push(" ORDER BY dead_at DESC, id DESC LIMIT ").push_bind(limit + 1);
-        let mut items: Vec<DeadLetter> = q.build_query_as().fetch_all(self.pool()).await.map_err(db_err)?;
+        // The page and its total from one snapshot: a dead letter indexed in between must not
+        // be counted and missing (or the other way round).
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let mut items: Vec<DeadLetter> = q.build_query_as().fetch_all(&mut *tx).await.map_err(db_err)?;
         let next_cursor = if items.len() as i64 > limit {
             items.truncate(limit as usize);
             items.last().map(|d| encode_cursor(d.dead_at, d.id))
@@ -238,7 +245,8 @@ impl Store {
         };
         let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM dead_letters");
         push_filter(&mut count, filter);
-        let total: i64 = count.build_query_scalar().fetch_one(self.pool()).await.map_err(db_err)?;
+        let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
         Ok(DeadLetterPage { items, next_cursor, total })
     }
 

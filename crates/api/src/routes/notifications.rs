@@ -187,11 +187,19 @@ async fn direct(
 pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
     let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
-    let channels = state.store()?.delivery_status(id).await?;
+    let store = state.store()?;
+    let channels = store.delivery_status(id).await?;
     if channels.is_empty() {
         return Err(ApiError::NotFound(format!(
             "no delivery of notification {id} is recorded: the id is unknown, or the notification is still queued"
         )));
+    }
+    // How often each channel was replayed from its dead letters (0: never).
+    let replays = store.replays_of(id).await?;
+    let mut channels = serde_json::to_value(channels).map_err(|e| ApiError::Unexpected(e.into()))?;
+    for ch in channels.as_array_mut().into_iter().flatten() {
+        let n = replays.iter().find(|(c, _)| ch["channel"] == c.as_str()).map_or(0, |(_, n)| *n);
+        ch["replays"] = n.into();
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "channels": channels})))
 }
