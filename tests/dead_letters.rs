@@ -364,3 +364,70 @@ async fn bad_filters_and_missing_keys_are_refused_and_replay_nothing() {
     assert_eq!(h.smtp.attempts(), 1, "no rejected request replayed anything");
     h.cleanup().await;
 }
+
+/// Acceptance 7: the worker purges rows past their age in small batches; newer ones, and
+/// what is still in flight or still dead, stay; an inbox page still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_old_rows_and_keeps_the_rest() {
+    let ages = [
+        ("RETENTION_DELIVERIES", "1h"),
+        ("RETENTION_INBOX", "1h"),
+        ("RETENTION_IDEMPOTENCY_KEYS", "1h"),
+        ("RETENTION_DEAD_LETTERS", "1h"),
+        ("RETENTION_INTERVAL", "100ms"),
+        ("RETENTION_BATCH", "7"),
+    ];
+    let h = harness("dl-retention", &ages).await;
+    let store = h.store();
+    let pool = store.pool();
+    // Two hours old (past the ages) and new rows of every kind; the API migrated the schema.
+    let old = "now() - interval '2 hours'";
+    for (sql, n) in [
+        (format!("INSERT INTO deliveries (notification_id, channel, status, attempts, created_at, updated_at) SELECT gen_random_uuid(), 'email', 'delivered', 1, {old}, {old} FROM generate_series(1, $1)"), 30),
+        (format!("INSERT INTO deliveries (notification_id, channel, status, attempts, created_at, updated_at) SELECT gen_random_uuid(), 'email', 'retrying', 1, {old}, {old} FROM generate_series(1, $1)"), 5),
+        ("INSERT INTO deliveries (notification_id, channel, status, attempts) SELECT gen_random_uuid(), 'email', 'delivered', 1 FROM generate_series(1, $1)".into(), 10),
+        (format!("INSERT INTO inbox_items (id, notification_id, user_id, title, body, created_at) SELECT gen_random_uuid(), gen_random_uuid(), 'u1', 'old', 'b', {old} FROM generate_series(1, $1)"), 20),
+        ("INSERT INTO inbox_items (id, notification_id, user_id, title, body) SELECT gen_random_uuid(), gen_random_uuid(), 'u1', 'new', 'b' FROM generate_series(1, $1)".into(), 5),
+        (format!("INSERT INTO idempotency_keys (key, request_hash, state, response_status, response_body, created_at) SELECT 'old-' || g, 'h', 'completed', 202, '{{}}', {old} FROM generate_series(1, $1) g"), 15),
+        ("INSERT INTO idempotency_keys (key, request_hash, state, response_status, response_body) SELECT 'new-' || g, 'h', 'completed', 202, '{}' FROM generate_series(1, $1) g".into(), 3),
+    ] {
+        sqlx::query(&sql).bind(n).execute(pool).await.unwrap();
+    }
+    for (status, at, n) in [("replayed", old, 10), ("discarded", old, 10), ("dead", old, 5), ("replayed", "now()", 3)] {
+        sqlx::query(&format!(
+            "INSERT INTO dead_letters (id, fingerprint, channel, reason, dead_at, body, properties, status, status_at)
+             SELECT gen_random_uuid(), gen_random_uuid()::text, 'email', 'permanent', {old}, '\\x00', '{{}}', $1, {at}
+               FROM generate_series(1, $2)"
+        ))
+        .bind(status)
+        .bind(n)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let count = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap() };
+    let worker = h.worker().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = count("SELECT (SELECT count(*) FROM deliveries) + (SELECT count(*) FROM inbox_items)
+                               + (SELECT count(*) FROM idempotency_keys) + (SELECT count(*) FROM dead_letters)")
+            .await;
+        if left == 15 + 5 + 3 + 8 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{left} rows left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count("SELECT count(*) FROM deliveries WHERE status = 'retrying'").await, 5, "in flight: kept");
+    assert_eq!(count("SELECT count(*) FROM deliveries WHERE status = 'delivered'").await, 10);
+    assert_eq!(count("SELECT count(*) FROM inbox_items WHERE title = 'new'").await, 5);
+    assert_eq!(count("SELECT count(*) FROM idempotency_keys WHERE key LIKE 'new-%'").await, 3);
+    assert_eq!(count("SELECT count(*) FROM dead_letters WHERE status = 'dead'").await, 5, "dead ones wait for an operator");
+    assert_eq!(count("SELECT count(*) FROM dead_letters WHERE status = 'replayed'").await, 3);
+    let (status, page) = get(&h, "/api/v1/users/u1/notifications?limit=10").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!((page["items"].as_array().unwrap().len(), page["unread_count"].as_i64()), (5, Some(5)), "{page}");
+    assert!(page["items"].as_array().unwrap().iter().all(|i| i["title"] == "new"), "{page}");
+    worker.stop().await.unwrap();
+    h.cleanup().await;
+}
