@@ -13,6 +13,7 @@
 //! API and worker not set by the bench (API_HTTP_WORKERS, API_PUBLISH_CHANNELS,
 //! WORKER_CONCURRENCY, WORKER_PREFETCH, RUST_LOG, ...) pass through from the environment.
 
+mod dead_letters;
 mod load;
 mod procs;
 mod raw;
@@ -76,10 +77,13 @@ struct Args {
     clean: Option<String>,
     /// The end-to-end phase's rate is at most this share of the webhook drain rate.
     e2e_share: Option<f64>,
+    /// Dead letters of the dead-letter phase; with `dead_letters_only`, only that phase runs.
+    dead_letters: u64,
+    dead_letters_only: bool,
 }
 
 const USAGE: &str = "usage: notify-bench [--quick] [--queue-type quorum|classic] [--duration SECS] \
-                     [--drain-count N] [--e2e-share F] [--no-build | --bin-dir DIR] [--keep-logs]\n       notify-bench --clean bench-XXXXXXXX   (delete what a killed run left behind)";
+                     [--drain-count N] [--e2e-share F] [--dead-letters N [--dead-letters-only]] [--no-build | --bin-dir DIR] [--keep-logs]\n       notify-bench --clean bench-XXXXXXXX   (delete what a killed run left behind)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -92,6 +96,8 @@ fn parse_args() -> Result<Args, String> {
         clean: None,
         bin_dir: None,
         e2e_share: None,
+        dead_letters: 100_000,
+        dead_letters_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -119,6 +125,8 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--e2e-share must be 0.05 to 1".into());
                 }
             }
+            "--dead-letters" => a.dead_letters = value("--dead-letters")?.parse().map_err(|e| format!("--dead-letters: {e}"))?,
+            "--dead-letters-only" => a.dead_letters_only = true,
             "--no-build" => a.no_build = true,
             "--bin-dir" => a.bin_dir = Some(PathBuf::from(value("--bin-dir")?)),
             "--keep-logs" => a.keep_logs = true,
@@ -186,6 +194,7 @@ struct Report {
     /// CPU per message of each part, per phase.
     cpu: Vec<(String, procs::CpuUse)>,
     problems: Vec<String>,
+    dead_letters: Option<dead_letters::Figures>,
 }
 
 impl Report {
@@ -249,6 +258,9 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if args.dead_letters_only {
+        return dead_letters::only(args).await;
     }
     if cfg!(debug_assertions) {
         eprintln!("notify-bench measures nothing useful in a debug build: cargo run -p notify-bench --release");
@@ -660,6 +672,7 @@ async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
     let (peak, status) = api.stop(Duration::from_secs(30)).await?;
     rep.api_peak_kb = peak;
     println!("» API peak RSS {:.1} MiB (exit {status})", peak as f64 / 1024.0);
+    rep.dead_letters = Some(dead_letters::run(ctx, ctx.args.dead_letters).await?);
     Ok(())
 }
 
@@ -966,6 +979,9 @@ fn print_report(ctx: &Ctx, rep: &mut Report, took: Duration) {
             opt(e99, 2),
             ratio(e99.unwrap_or(0.0), r99.unwrap_or(0.0))
         );
+    }
+    if let Some(f) = &mut rep.dead_letters {
+        f.rows(&mut t);
     }
     let api_mib = rep.api_peak_kb as f64 / 1024.0;
     let worker_mib = rep.worker_peak_kb as f64 / 1024.0;
