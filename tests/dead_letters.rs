@@ -93,9 +93,12 @@ async fn walk(h: &Harness, query: &str, limit: usize) -> BTreeSet<String> {
 async fn post_mails(h: &Harness, tag: &str, n: usize) -> BTreeSet<String> {
     let mut ids = BTreeSet::new();
     for i in 0..n {
-        let (status, body) =
-            post(h, "/api/v1/notifications/email", &email(&format!("{tag}{i}@example.com"), &format!("{tag} {i}"), "b"))
-                .await;
+        let (status, body) = post(
+            h,
+            "/api/v1/notifications/email",
+            &email(&format!("{tag}{i}@example.com"), &format!("{tag} {i}"), "b"),
+        )
+        .await;
         assert_eq!(status, 202, "{body}");
         ids.insert(body["id"].as_str().unwrap().to_string());
     }
@@ -163,7 +166,10 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
     assert_eq!(all.len(), 60);
     let (_, page) = get(&h, "/api/v1/dead-letters?channel=webhook&limit=1").await;
     let item = &page["items"][0];
-    assert_eq!((item["reason"].as_str(), item["event"].is_null(), item["attempts"].as_i64()), (Some("permanent"), true, Some(1)));
+    assert_eq!(
+        (item["reason"].as_str(), item["event"].is_null(), item["attempts"].as_i64()),
+        (Some("permanent"), true, Some(1))
+    );
     let (status, shown) = get(&h, &format!("/api/v1/dead-letters/{}", item["id"].as_str().unwrap())).await;
     assert_eq!(status, 200);
     assert_eq!(shown["message"]["id"], item["notification_id"], "the envelope as it was: {shown}");
@@ -172,7 +178,11 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
     // Acceptance 2: the SMTP server recovers; replay what used up its attempts.
     let one = exhausted.iter().next().unwrap().clone();
     let (_, st) = get(&h, &format!("/api/v1/notifications/{one}")).await;
-    assert_eq!((st["channels"][0]["status"].as_str(), st["channels"][0]["replays"].as_i64()), (Some("dead"), Some(0)), "{st}");
+    assert_eq!(
+        (st["channels"][0]["status"].as_str(), st["channels"][0]["replays"].as_i64()),
+        (Some("dead"), Some(0)),
+        "{st}"
+    );
     h.smtp.reset();
     let (status, done) = post(&h, "/api/v1/dead-letters/replay", &json!({"filter": {"reason": "max_attempts"}})).await;
     assert_eq!(status, 200, "{done}");
@@ -186,7 +196,11 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
     assert_eq!(h.count(&h.email_dead_queue()).await, 0, "the dead queue stays drained");
     let (_, st) = get(&h, &format!("/api/v1/notifications/{one}")).await;
     let ch = &st["channels"][0];
-    assert_eq!((ch["status"].as_str(), ch["replays"].as_i64(), ch["attempts"].as_i64()), (Some("delivered"), Some(1), Some(1)), "{st}");
+    assert_eq!(
+        (ch["status"].as_str(), ch["replays"].as_i64(), ch["attempts"].as_i64()),
+        (Some("delivered"), Some(1), Some(1)),
+        "{st}"
+    );
 
     // Acceptance 3: two callers replay the same 10 dead letters at the same moment.
     let (_, page) = get(&h, "/api/v1/dead-letters?reason=permanent&channel=email&limit=10").await;
@@ -194,7 +208,8 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
     let ten_notifications: BTreeSet<String> =
         page["items"].as_array().unwrap().iter().map(|i| i["notification_id"].as_str().unwrap().into()).collect();
     let body = json!({ "ids": ten });
-    let ((s1, a), (s2, b)) = tokio::join!(post(&h, "/api/v1/dead-letters/replay", &body), post(&h, "/api/v1/dead-letters/replay", &body));
+    let ((s1, a), (s2, b)) =
+        tokio::join!(post(&h, "/api/v1/dead-letters/replay", &body), post(&h, "/api/v1/dead-letters/replay", &body));
     assert_eq!((s1, s2), (200, 200), "{a} {b}");
     let (ra, rb) = (set(&a["ids"]), set(&b["ids"]));
     assert!(ra.is_disjoint(&rb), "one dead letter replayed by both: {a} {b}");
@@ -208,7 +223,11 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
     let distinct: BTreeSet<String> = mailed.iter().cloned().collect();
     assert_eq!(mailed.len(), 30, "20 + 10 mails, none twice: {mailed:?}");
     assert!(ten_notifications.is_subset(&distinct));
-    println!("dead letters: 60 listed; replayed 20 by reason and 10 by two racing callers ({} + {}); 30 mails, 30 distinct", ra.len(), rb.len());
+    println!(
+        "dead letters: 60 listed; replayed 20 by reason and 10 by two racing callers ({} + {}); 30 mails, 30 distinct",
+        ra.len(),
+        rb.len()
+    );
     h.cleanup().await;
 }
 
@@ -223,10 +242,13 @@ async fn broker_made_and_unparseable_dead_letters_are_listed_and_discarded() {
         let (ch, exchange) = (ch.clone(), h.topology.exchange());
         let (body, props) = (env.to_bytes(), broker::envelope_properties(env, 1));
         async move {
-            broker::publish_confirmed(&ch, &exchange, &Topology::direct_key(Channel::Email), &body, props, WAIT).await.unwrap()
+            broker::publish_confirmed(&ch, &exchange, &Topology::direct_key(Channel::Email), &body, props, WAIT)
+                .await
+                .unwrap()
         }
     };
-    let mail = |to: &str| Envelope::direct(Channel::Email, "dl-broker".into(), json!({"to": to, "subject": "s", "body": "b"}));
+    let mail =
+        |to: &str| Envelope::direct(Channel::Email, "dl-broker".into(), json!({"to": to, "subject": "s", "body": "b"}));
     // No worker yet: a consumer that keeps giving the message back, then one that refuses it.
     let (limited, rejected) = (mail("limit@example.com"), mail("reject@example.com"));
     publish(&limited).await;
@@ -238,15 +260,26 @@ async fn broker_made_and_unparseable_dead_letters_are_listed_and_discarded() {
     publish(&rejected).await;
     let m = ch.basic_get(h.email_queue().as_str().into(), Default::default()).await.unwrap().expect("a message");
     m.delivery.acker.reject(lapin::options::BasicRejectOptions { requeue: false }).await.unwrap();
-    broker::publish_confirmed(&ch, &h.topology.exchange(), "channel.email", b"{not an envelope", Default::default(), WAIT)
-        .await
-        .unwrap();
+    broker::publish_confirmed(
+        &ch,
+        &h.topology.exchange(),
+        "channel.email",
+        b"{not an envelope",
+        Default::default(),
+        WAIT,
+    )
+    .await
+    .unwrap();
 
     let mut worker = h.worker().await;
     worker.next_reports(1, WAIT).await;
     let page = wait_total(&h, "", 3).await;
-    let by_reason: HashMap<String, Value> =
-        page["items"].as_array().unwrap().iter().map(|i| (i["reason"].as_str().unwrap().to_string(), i.clone())).collect();
+    let by_reason: HashMap<String, Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["reason"].as_str().unwrap().to_string(), i.clone()))
+        .collect();
     assert_eq!(by_reason["delivery_limit"]["notification_id"], limited.id.to_string(), "{page}");
     assert_eq!(by_reason["rejected"]["notification_id"], rejected.id.to_string(), "{page}");
     assert!(by_reason["unparseable"]["notification_id"].is_null(), "{page}");
@@ -256,7 +289,8 @@ async fn broker_made_and_unparseable_dead_letters_are_listed_and_discarded() {
     }
     let (_, st) = get(&h, &format!("/api/v1/notifications/{}", limited.id)).await;
     assert_eq!(st["channels"][0]["status"], "dead", "the broker's dead letter shows in the status: {st}");
-    let (_, shown) = get(&h, &format!("/api/v1/dead-letters/{}", by_reason["unparseable"]["id"].as_str().unwrap())).await;
+    let (_, shown) =
+        get(&h, &format!("/api/v1/dead-letters/{}", by_reason["unparseable"]["id"].as_str().unwrap())).await;
     assert_eq!(shown["message"], "{not an envelope");
 
     let ids: Vec<&Value> = by_reason.values().map(|i| &i["id"]).collect();
@@ -264,7 +298,11 @@ async fn broker_made_and_unparseable_dead_letters_are_listed_and_discarded() {
     assert_eq!((status, done["discarded"].as_i64()), (200, Some(3)), "{done}");
     wait_total(&h, "", 0).await;
     let (status, again) = post(&h, "/api/v1/dead-letters/replay", &json!({ "ids": ids })).await;
-    assert_eq!((status, again["replayed"].as_i64(), again["not_found"].as_array().map(Vec::len)), (200, Some(0), Some(3)), "{again}");
+    assert_eq!(
+        (status, again["replayed"].as_i64(), again["not_found"].as_array().map(Vec::len)),
+        (200, Some(0), Some(3)),
+        "{again}"
+    );
     let (_, shown) = get(&h, &format!("/api/v1/dead-letters/{}", ids[0].as_str().unwrap())).await;
     assert_eq!(shown["status"], "discarded");
     worker.stop().await.unwrap();
@@ -290,13 +328,18 @@ async fn replay_limit_refuses_and_discard_removes_for_good() {
     let page = wait_total(&h, "", 1).await;
     let second = page["items"][0].clone();
     assert_ne!(second["id"], first);
-    assert_eq!((second["notification_id"].as_str(), second["replays"].as_i64()), (Some(id.as_str()), Some(1)), "{page}");
+    assert_eq!(
+        (second["notification_id"].as_str(), second["replays"].as_i64()),
+        (Some(id.as_str()), Some(1)),
+        "{page}"
+    );
     let (status, refused) = post(&h, "/api/v1/dead-letters/replay", &json!({ "ids": [second["id"]] })).await;
     assert_eq!((status, refused["replayed"].as_i64()), (200, Some(0)), "{refused}");
     assert_eq!(refused["refused"][0]["id"], second["id"], "{refused}");
     assert!(refused["refused"][0]["reason"].as_str().unwrap().contains("REPLAY_LIMIT"), "{refused}");
     wait_total(&h, "", 1).await;
-    let (_, done) = post(&h, "/api/v1/dead-letters/discard", &json!({"filter": {"channel": "email"}, "limit": 10})).await;
+    let (_, done) =
+        post(&h, "/api/v1/dead-letters/discard", &json!({"filter": {"channel": "email"}, "limit": 10})).await;
     assert_eq!((done["matched"].as_i64(), done["discarded"].as_i64()), (Some(1), Some(1)), "{done}");
     wait_total(&h, "", 0).await;
     let (_, again) = post(&h, "/api/v1/dead-letters/replay", &json!({ "ids": [second["id"]] })).await;
@@ -409,9 +452,11 @@ async fn retention_purges_old_rows_and_keeps_the_rest() {
     let worker = h.worker().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let left = count("SELECT (SELECT count(*) FROM deliveries) + (SELECT count(*) FROM inbox_items)
-                               + (SELECT count(*) FROM idempotency_keys) + (SELECT count(*) FROM dead_letters)")
-            .await;
+        let left = count(
+            "SELECT (SELECT count(*) FROM deliveries) + (SELECT count(*) FROM inbox_items)
+                               + (SELECT count(*) FROM idempotency_keys) + (SELECT count(*) FROM dead_letters)",
+        )
+        .await;
         if left == 15 + 5 + 3 + 8 {
             break;
         }
@@ -422,7 +467,11 @@ async fn retention_purges_old_rows_and_keeps_the_rest() {
     assert_eq!(count("SELECT count(*) FROM deliveries WHERE status = 'delivered'").await, 10);
     assert_eq!(count("SELECT count(*) FROM inbox_items WHERE title = 'new'").await, 5);
     assert_eq!(count("SELECT count(*) FROM idempotency_keys WHERE key LIKE 'new-%'").await, 3);
-    assert_eq!(count("SELECT count(*) FROM dead_letters WHERE status = 'dead'").await, 5, "dead ones wait for an operator");
+    assert_eq!(
+        count("SELECT count(*) FROM dead_letters WHERE status = 'dead'").await,
+        5,
+        "dead ones wait for an operator"
+    );
     assert_eq!(count("SELECT count(*) FROM dead_letters WHERE status = 'replayed'").await, 3);
     let (status, page) = get(&h, "/api/v1/users/u1/notifications?limit=10").await;
     assert_eq!(status, 200, "{page}");

@@ -128,7 +128,9 @@ impl DeadLetterAdmin {
                 not_found.dedup();
                 Ok((found, not_found))
             }
-            Selector::Filter { filter, limit } => Ok((self.store.select_dead_letters(filter, *limit).await?, Vec::new())),
+            Selector::Filter { filter, limit } => {
+                Ok((self.store.select_dead_letters(filter, *limit).await?, Vec::new()))
+            }
         }
     }
 
@@ -329,16 +331,23 @@ pub fn parse_filter<'a>(
                 Err(e) => errors.push((field, e)),
             },
             "reason" if DEAD_REASONS.contains(&value) => f.reason = Some(value.to_string()),
-            "reason" => errors.push((field, format!("unknown reason `{value}` (expected one of: {})", DEAD_REASONS.join(", ")))),
+            "reason" => {
+                errors.push((field, format!("unknown reason `{value}` (expected one of: {})", DEAD_REASONS.join(", "))))
+            }
             "event" if !value.trim().is_empty() => f.event = Some(value.to_string()),
             "error" if !value.is_empty() => f.error = Some(value.to_string()),
             "event" | "error" => errors.push((field, "must not be empty".to_string())),
             "since" | "until" => match time(value) {
                 Ok(t) if name == "since" => f.since = Some(t),
                 Ok(t) => f.until = Some(t),
-                Err(e) => errors.push((field, format!("`{value}` is not an RFC 3339 time such as 2026-12-03T10:00:00Z: {e}"))),
+                Err(e) => {
+                    errors.push((field, format!("`{value}` is not an RFC 3339 time such as 2026-12-03T10:00:00Z: {e}")))
+                }
             },
-            other => errors.push((field, format!("`{other}` is not a filter (expected channel, event, reason, error, since, until)"))),
+            other => errors.push((
+                field,
+                format!("`{other}` is not a filter (expected channel, event, reason, error, since, until)"),
+            )),
         }
     }
     if let (Some(since), Some(until)) = (f.since, f.until) {
@@ -359,12 +368,14 @@ mod tests {
 
     #[test]
     fn filters_parse_and_name_their_bad_fields() {
-        let f = parse_filter([("channel", "in-app"), ("reason", "max_attempts"), ("since", "2026-12-03T10:00:00Z")], "")
-            .unwrap();
+        let f =
+            parse_filter([("channel", "in-app"), ("reason", "max_attempts"), ("since", "2026-12-03T10:00:00Z")], "")
+                .unwrap();
         assert_eq!(f.channel.as_deref(), Some("in_app"));
         assert_eq!(f.reason.as_deref(), Some("max_attempts"));
-        let bad = parse_filter([("channel", "sms"), ("reason", "tired"), ("until", "yesterday"), ("x", "1")], "filter.")
-            .unwrap_err();
+        let bad =
+            parse_filter([("channel", "sms"), ("reason", "tired"), ("until", "yesterday"), ("x", "1")], "filter.")
+                .unwrap_err();
         let names: Vec<&str> = bad.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(names, ["filter.channel", "filter.reason", "filter.until", "filter.x"]);
         let props = replay_properties(&serde_json::json!({"message_id": "m", "timestamp": 7}), 2);

@@ -60,7 +60,12 @@ async fn kill_9_mid_replay_then_rerun_loses_and_duplicates_nothing() {
 
     // The first replay, killed mid-way.
     let started = Instant::now();
-    let mut cli = admin(&settings).args(["--channel", "email", "--limit", "1000"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut cli = admin(&settings)
+        .args(["--channel", "email", "--limit", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let replayed_at_kill = loop {
         let n = replayed(&store).await;
         if n >= KILL_AFTER {
@@ -88,7 +93,11 @@ async fn kill_9_mid_replay_then_rerun_loses_and_duplicates_nothing() {
     // Everything replayed is delivered; what the killed run had taken stays listed.
     let still = listed(&store).await;
     wait_for(|| async { smtp.mails().len() as i64 >= N as i64 - still }, "the replays delivered").await;
-    wait_for(|| async { rabbit::message_count(&conn, &topology.queue(Channel::Email)).await == Some(0) }, "queue drained").await;
+    wait_for(
+        || async { rabbit::message_count(&conn, &topology.queue(Channel::Email)).await == Some(0) },
+        "queue drained",
+    )
+    .await;
     shutdown.cancel();
     worker_task.await.unwrap().unwrap();
 
@@ -129,7 +138,8 @@ async fn dead_letters(conn: &lapin::Connection, topology: &Topology) -> HashSet<
     let queue = topology.dead_queue(Channel::Email);
     let mut ids = HashSet::new();
     for i in 0..N {
-        let payload = serde_json::json!({"to": format!("u{i}@example.com"), "subject": format!("mail {i}"), "body": "b"});
+        let payload =
+            serde_json::json!({"to": format!("u{i}@example.com"), "subject": format!("mail {i}"), "body": "b"});
         let env = Envelope::direct(Channel::Email, format!("req-{i}"), payload);
         let mut props = broker::envelope_properties(&env, 1);
         let mut h = props.headers().clone().unwrap_or_default();

@@ -35,13 +35,24 @@ pub async fn run(ctx: &Ctx, n: u64) -> anyhow::Result<Figures> {
         ("newest page, no filter".into(), DeadLetterFilter::default()),
         (
             "channel=email&reason=max_attempts".into(),
-            DeadLetterFilter { channel: Some("email".into()), reason: Some("max_attempts".into()), ..Default::default() },
+            DeadLetterFilter {
+                channel: Some("email".into()),
+                reason: Some("max_attempts".into()),
+                ..Default::default()
+            },
         ),
         (
             "event=password.reset&error=mailbox (case-insensitive substring)".into(),
-            DeadLetterFilter { event: Some("password.reset".into()), error: Some("MAILBOX".into()), ..Default::default() },
+            DeadLetterFilter {
+                event: Some("password.reset".into()),
+                error: Some("MAILBOX".into()),
+                ..Default::default()
+            },
         ),
-        (format!("error=user{mid}@ (one match)"), DeadLetterFilter { error: Some(format!("user{mid}@")), ..Default::default() }),
+        (
+            format!("error=user{mid}@ (one match)"),
+            DeadLetterFilter { error: Some(format!("user{mid}@")), ..Default::default() },
+        ),
         (
             "since/until: a one-hour window".into(),
             DeadLetterFilter { since: Some(time(mid + 3600)), until: Some(time(mid)), ..Default::default() },
@@ -112,7 +123,9 @@ pub async fn only(args: crate::Args) -> std::process::ExitCode {
     let _ = std::fs::remove_dir_all(&ctx.logdir);
     match result {
         Ok(mut figures) => {
-            let mut t = String::from("| measure | raw broker | notify | ours/raw | target | result |\n|---|---:|---:|---:|---|---|\n");
+            let mut t = String::from(
+                "| measure | raw broker | notify | ours/raw | target | result |\n|---|---:|---:|---:|---|---|\n",
+            );
             figures.rows(&mut t);
             println!("{t}");
             std::process::ExitCode::SUCCESS

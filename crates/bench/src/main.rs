@@ -125,7 +125,9 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--e2e-share must be 0.05 to 1".into());
                 }
             }
-            "--dead-letters" => a.dead_letters = value("--dead-letters")?.parse().map_err(|e| format!("--dead-letters: {e}"))?,
+            "--dead-letters" => {
+                a.dead_letters = value("--dead-letters")?.parse().map_err(|e| format!("--dead-letters: {e}"))?
+            }
             "--dead-letters-only" => a.dead_letters_only = true,
             "--no-build" => a.no_build = true,
             "--bin-dir" => a.bin_dir = Some(PathBuf::from(value("--bin-dir")?)),

@@ -252,11 +252,13 @@ impl Store {
 
     /// One dead letter, whatever its status; `None` when unknown.
     pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetterDetail>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS}, status, status_at, body, properties FROM dead_letters WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS}, status, status_at, body, properties FROM dead_letters WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
         let Some(row) = row else { return Ok(None) };
         let letter = <DeadLetter as sqlx::FromRow<_>>::from_row(&row).map_err(db_err)?;
         Ok(Some(DeadLetterDetail {
@@ -338,13 +340,14 @@ impl Store {
         if let Some(nid) = notification_id {
             // A record already carrying this replay's number and moved on by a worker means a
             // replayer that died had published it: publishing again would make two copies.
-            let seen: Option<(String, i32)> =
-                sqlx::query_as("SELECT status, replays FROM deliveries WHERE notification_id = $1 AND channel = $2 FOR UPDATE")
-                    .bind(nid)
-                    .bind(&channel)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+            let seen: Option<(String, i32)> = sqlx::query_as(
+                "SELECT status, replays FROM deliveries WHERE notification_id = $1 AND channel = $2 FOR UPDATE",
+            )
+            .bind(nid)
+            .bind(&channel)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
             published = matches!(&seen, Some((status, n)) if *n == replay && status != "queued");
             if !published {
                 sqlx::query(
@@ -390,11 +393,13 @@ impl Store {
     /// delivery record (unless a worker moved it on meanwhile).
     pub async fn abort_replay(&self, job: &ReplayJob) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await.map_err(db_err)?;
-        sqlx::query("UPDATE dead_letters SET status = 'dead', status_at = now() WHERE id = $1 AND status = 'replaying'")
-            .bind(job.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(
+            "UPDATE dead_letters SET status = 'dead', status_at = now() WHERE id = $1 AND status = 'replaying'",
+        )
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         if let Some(nid) = job.notification_id {
             sqlx::query(
                 "UPDATE deliveries SET status = 'dead', replays = $3 - 1, updated_at = now()

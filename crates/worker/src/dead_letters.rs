@@ -65,7 +65,8 @@ impl Indexer {
                     _ = shutdown.cancelled() => {}
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "dead-letter indexer stopped".into())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "dead-letter indexer stopped".into()))
+                .await;
         }
     }
 
@@ -77,7 +78,12 @@ impl Indexer {
             let queue = self.topology.dead_queue(channel);
             let tag = format!("notify-dead-letters-{channel}-{}", Uuid::now_v7().simple());
             let consumer = ch
-                .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             streams.push(consumer.map(move |d| (channel, d)));
         }
@@ -159,7 +165,13 @@ pub fn read(channel: Channel, delivery: &Delivery) -> NewDeadLetter {
     let header_json: serde_json::Map<String, serde_json::Value> = props
         .headers()
         .as_ref()
-        .map(|h| h.inner().iter().filter(|(k, _)| k.as_str() != "x-delivery-count").map(|(k, v)| (k.to_string(), json_of(v))).collect())
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter(|(k, _)| k.as_str() != "x-delivery-count")
+                .map(|(k, v)| (k.to_string(), json_of(v)))
+                .collect()
+        })
         .unwrap_or_default();
     let properties = serde_json::json!({
         "message_id": props.message_id().as_ref().map(|v| v.to_string()),

@@ -151,7 +151,8 @@ async fn run(cli: Cli, env: &dyn Source) -> Result<ExitCode, String> {
             if cursor.as_deref().is_some_and(|c| !notify_store::is_valid_cursor(c)) {
                 return Err("--cursor: is not a cursor from a previous page".into());
             }
-            let page = admin.store.list_dead_letters(&filter, cursor.as_deref(), limit).await.map_err(|e| e.to_string())?;
+            let page =
+                admin.store.list_dead_letters(&filter, cursor.as_deref(), limit).await.map_err(|e| e.to_string())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&page).map_err(|e| e.to_string())?);
             } else {

@@ -5,7 +5,9 @@
 use super::AppState;
 use crate::{
     auth::Producer,
-    dead_letters::{parse_filter, AdminError, DeadLetterAdmin, Selector, DEFAULT_ACTION_LIMIT, MAX_ACTION_LIMIT, MAX_IDS},
+    dead_letters::{
+        parse_filter, AdminError, DeadLetterAdmin, Selector, DEFAULT_ACTION_LIMIT, MAX_ACTION_LIMIT, MAX_IDS,
+    },
     error::{ApiError, FieldError},
     extract::{json_body, Fields, Parsed},
 };
