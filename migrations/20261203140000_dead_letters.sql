@@ -36,6 +36,8 @@ CREATE INDEX dead_letters_reason_idx ON dead_letters (reason, dead_at DESC, id D
     WHERE status IN ('dead', 'replaying');
 CREATE INDEX dead_letters_event_idx ON dead_letters (event, dead_at DESC, id DESC)
     WHERE status IN ('dead', 'replaying');
+-- A notification's dead letters (its status shows the latest).
+CREATE INDEX dead_letters_notification_idx ON dead_letters (notification_id, channel, dead_at DESC);
 -- Retention purges what was replayed or discarded, oldest first.
 CREATE INDEX dead_letters_done_idx ON dead_letters (status_at)
     WHERE status IN ('replayed', 'discarded');

@@ -201,6 +201,13 @@ async fn sixty_dead_letters_are_filtered_paged_and_replayed_once() {
         (Some("delivered"), Some(1), Some(1)),
         "{st}"
     );
+    let history = &ch["last_dead_letter"];
+    assert_eq!(
+        (history["reason"].as_str(), history["status"].as_str()),
+        (Some("max_attempts"), Some("replayed")),
+        "{st}"
+    );
+    assert!(history["last_error"].as_str().unwrap().contains("451"), "the error that killed it: {st}");
 
     // Acceptance 3: two callers replay the same 10 dead letters at the same moment.
     let (_, page) = get(&h, "/api/v1/dead-letters?reason=permanent&channel=email&limit=10").await;

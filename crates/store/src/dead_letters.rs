@@ -451,12 +451,49 @@ impl Store {
         Ok(())
     }
 
-    /// How often each channel of a notification was replayed (channels never replayed: 0).
-    pub async fn replays_of(&self, notification_id: Uuid) -> Result<Vec<(String, i32)>, StoreError> {
-        sqlx::query_as("SELECT channel, replays FROM deliveries WHERE notification_id = $1 ORDER BY channel")
-            .bind(notification_id)
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)
+    /// Per channel of a notification: how often it was replayed, and its latest dead letter
+    /// (whatever became of it), for the status endpoint's history.
+    pub async fn dead_letter_history(&self, notification_id: Uuid) -> Result<Vec<ChannelHistory>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT d.channel AS history_channel, d.replays AS history_replays, l.status AS dl_status,
+                    {}
+               FROM deliveries d
+               LEFT JOIN LATERAL (SELECT * FROM dead_letters x
+                                   WHERE x.notification_id = d.notification_id AND x.channel = d.channel
+                                   ORDER BY x.dead_at DESC LIMIT 1) l ON true
+              WHERE d.notification_id = $1
+              ORDER BY d.channel",
+            COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ")
+        ))
+        .bind(notification_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: Option<Uuid> = row.try_get("id").map_err(db_err)?;
+            let last_dead_letter = match id {
+                Some(_) => Some(<DeadLetter as sqlx::FromRow<_>>::from_row(&row).map_err(db_err)?),
+                None => None,
+            };
+            out.push(ChannelHistory {
+                channel: row.try_get("history_channel").map_err(db_err)?,
+                replays: row.try_get("history_replays").map_err(db_err)?,
+                last_dead_letter_status: row.try_get("dl_status").map_err(db_err)?,
+                last_dead_letter,
+            });
+        }
+        Ok(out)
     }
 }
+
+/// What [`Store::dead_letter_history`] tells of one channel.
+#[derive(Debug, Clone)]
+pub struct ChannelHistory {
+    pub channel: String,
+    pub replays: i32,
+    pub last_dead_letter: Option<DeadLetter>,
+    pub last_dead_letter_status: Option<String>,
+}
+
+impl Store {}

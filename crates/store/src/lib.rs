@@ -27,8 +27,8 @@ mod retention;
 use batch::{Batcher, Op};
 pub use batch::{GroupCommitStats, MAX_BATCH, PARALLEL};
 pub use dead_letters::{
-    BeginReplay, DeadLetter, DeadLetterAction, DeadLetterDetail, DeadLetterFilter, DeadLetterPage, NewDeadLetter,
-    ReplayJob, DEAD_REASONS, REPLAY_TAKEOVER_AFTER,
+    BeginReplay, ChannelHistory, DeadLetter, DeadLetterAction, DeadLetterDetail, DeadLetterFilter, DeadLetterPage,
+    NewDeadLetter, ReplayJob, DEAD_REASONS, REPLAY_TAKEOVER_AFTER,
 };
 pub use retention::{Purged, Retention};
 

@@ -194,12 +194,20 @@ pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Resu
             "no delivery of notification {id} is recorded: the id is unknown, or the notification is still queued"
         )));
     }
-    // How often each channel was replayed from its dead letters (0: never).
-    let replays = store.replays_of(id).await?;
+    // How often each channel was replayed from its dead letters, and its latest dead letter:
+    // a delivered replay keeps the error that once killed it there.
+    let history = store.dead_letter_history(id).await?;
     let mut channels = serde_json::to_value(channels).map_err(|e| ApiError::Unexpected(e.into()))?;
     for ch in channels.as_array_mut().into_iter().flatten() {
-        let n = replays.iter().find(|(c, _)| ch["channel"] == c.as_str()).map_or(0, |(_, n)| *n);
-        ch["replays"] = n.into();
+        let h = history.iter().find(|h| ch["channel"] == h.channel.as_str());
+        ch["replays"] = h.map_or(0, |h| h.replays).into();
+        ch["last_dead_letter"] =
+            match h.and_then(|h| h.last_dead_letter.as_ref().zip(h.last_dead_letter_status.as_ref())) {
+                Some((d, status)) => serde_json::json!({
+                    "id": d.id, "reason": d.reason, "last_error": d.last_error, "dead_at": d.dead_at, "status": status,
+                }),
+                None => serde_json::Value::Null,
+            };
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "channels": channels})))
 }
