@@ -12,6 +12,7 @@ mod bad_input;
 mod broker_faults;
 mod broker_outage;
 mod cluster;
+mod dead_letters;
 mod email_pipeline;
 mod events;
 mod first_hour;

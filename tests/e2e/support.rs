@@ -42,6 +42,9 @@ pub fn settings(prefix: &str, broker_url: &str, smtp_url: &str) -> HashMap<Strin
         ("ROUTES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/config/routes.toml")),
         ("WEBHOOK_ALLOW_PRIVATE", "true"),
         ("API_KEYS", API_KEYS),
+        // Most tests read dead letters off the broker's dead queues; tests/dead_letters.rs
+        // turns the indexer (which drains those queues into PostgreSQL) on.
+        ("DEAD_LETTER_INDEX", "false"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

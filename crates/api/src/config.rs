@@ -35,6 +35,8 @@ pub struct ApiConfig {
     /// Bearer keys (`API_KEYS`, comma-separated, each `name:key` or bare). Empty:
     /// authentication is off.
     pub api_keys: crate::auth::ApiKeys,
+    /// Replays per notification and channel before a replay is refused (`REPLAY_LIMIT`).
+    pub replay_limit: u32,
 }
 
 impl ApiConfig {
@@ -57,6 +59,7 @@ impl ApiConfig {
             allow_private_webhooks: cfg::parse(src, "WEBHOOK_ALLOW_PRIVATE", false)?,
             api_keys: crate::auth::ApiKeys::parse(&cfg::string(src, "API_KEYS", ""))
                 .map_err(|m| ConfigError::new("API_KEYS", m))?,
+            replay_limit: cfg::bounded(src, "REPLAY_LIMIT", 5, 0, 1000)? as u32,
         })
     }
 }

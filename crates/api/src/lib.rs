@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod dead_letters;
 pub mod error;
 pub mod extract;
 pub mod publisher;

@@ -37,11 +37,19 @@ impl Application {
         }
         let publisher = Publisher::start(
             Failover::with_order(&config.rabbitmq_url, config.rabbitmq_url_order),
-            topology,
+            topology.clone(),
             config.publish_timeout,
             config.publish_channels,
         )
         .await?;
+        let dead_letters = web::Data::new(crate::dead_letters::DeadLetterAdmin {
+            store: store.clone(),
+            rabbitmq_url: config.rabbitmq_url.clone(),
+            url_order: config.rabbitmq_url_order,
+            topology: topology.clone(),
+            replay_limit: config.replay_limit,
+            publish_timeout: config.publish_timeout,
+        });
         let state = web::Data::new(AppState {
             publisher: publisher.clone(),
             body_limits: crate::extract::BodyLimits { bytes: config.max_body_bytes, timeout: config.request_timeout },
@@ -59,6 +67,7 @@ impl Application {
                 .wrap(TracingLogger::default())
                 .app_data(keys.clone())
                 .app_data(state.clone())
+                .app_data(dead_letters.clone())
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
         })

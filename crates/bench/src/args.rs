@@ -40,6 +40,12 @@ struct Cli {
     /// Keep the API and worker logs also after a successful run
     #[arg(long)]
     keep_logs: bool,
+    /// Dead letters of the dead-letter phase (list/filter pages, replay throughput)
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    dead_letters: u64,
+    /// Only the dead-letter phase, without the API and worker processes
+    #[arg(long)]
+    dead_letters_only: bool,
     /// Only delete the queues and schema an interrupted run with this prefix left behind
     #[arg(long, value_name = "PREFIX", value_parser = parse_prefix)]
     clean: Option<String>,
@@ -58,6 +64,9 @@ pub struct Args {
     pub clean: Option<String>,
     /// The end-to-end phase's rate is at most this share of the webhook drain rate.
     pub e2e_share: Option<f64>,
+    /// Dead letters of the dead-letter phase; with `dead_letters_only`, only that phase runs.
+    pub dead_letters: u64,
+    pub dead_letters_only: bool,
 }
 
 impl Args {
@@ -73,6 +82,8 @@ impl Args {
             bin_dir: cli.bin_dir,
             clean: cli.clean,
             e2e_share: cli.e2e_share,
+            dead_letters: cli.dead_letters,
+            dead_letters_only: cli.dead_letters_only,
         }
     }
 }

@@ -47,6 +47,9 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if args.dead_letters_only {
+        return phases::dead_letters::only(args).await;
+    }
     if cfg!(debug_assertions) {
         eprintln!("notify-bench measures nothing useful in a debug build: cargo run -p notify-bench --release");
         return ExitCode::from(2);

@@ -31,6 +31,7 @@ pub struct Report {
     pub cpu: Vec<(String, procs::CpuUse)>,
     /// Checks that failed; any makes the run fail.
     pub problems: Vec<String>,
+    pub dead_letters: Option<crate::phases::dead_letters::Figures>,
 }
 
 impl Report {
@@ -59,7 +60,7 @@ pub fn problems_of(r: &load::LoadResult) -> String {
 }
 
 /// `12 345`: thousands apart, so rates read at a glance.
-fn thousands(v: f64) -> String {
+pub fn thousands(v: f64) -> String {
     let s = format!("{:.0}", v);
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -205,6 +206,9 @@ pub fn print(ctx: &Ctx, rep: &mut Report, took: Duration) {
             opt(e99, 2),
             ratio(e99.unwrap_or(0.0), r99.unwrap_or(0.0))
         );
+    }
+    if let Some(f) = &mut rep.dead_letters {
+        f.rows(&mut t);
     }
     let api_mib = rep.api_peak_kb as f64 / 1024.0;
     let worker_mib = rep.worker_peak_kb as f64 / 1024.0;

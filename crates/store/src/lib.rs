@@ -22,8 +22,15 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 mod batch;
+mod dead_letters;
+mod retention;
 use batch::{Batcher, Op};
 pub use batch::{GroupCommitStats, MAX_BATCH, PARALLEL};
+pub use dead_letters::{
+    BeginReplay, ChannelHistory, DeadLetter, DeadLetterAction, DeadLetterDetail, DeadLetterFilter, DeadLetterPage,
+    NewDeadLetter, ReplayJob, DEAD_REASONS, REPLAY_TAKEOVER_AFTER,
+};
+pub use retention::{Purged, Retention};
 
 /// How long [`Store::connect_lazy`]'s pool waits for a connection (including connecting) before
 /// giving up with [`StoreError::Unavailable`].

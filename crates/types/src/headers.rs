@@ -21,3 +21,6 @@ pub const DEFERRALS: &str = "x-notify-deferrals";
 pub const SENT: &str = "x-notify-sent";
 /// W3C trace context of the request that published the message (`traceparent`, as in HTTP).
 pub const TRACEPARENT: &str = "traceparent";
+/// How many times this notification was replayed from its channel's dead letters (operator
+/// replay, `notify-admin` or `POST /api/v1/dead-letters/replay`); counts toward `REPLAY_LIMIT`.
+pub const REPLAYS: &str = "x-notify-replays";

@@ -6,6 +6,8 @@ use std::time::Duration;
 /// derives its raw consumer's prefetch from it).
 pub const DEFAULT_CONCURRENCY: u64 = 128;
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of the worker, read once at start.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -47,6 +49,13 @@ pub struct WorkerConfig {
     pub http_port: u16,
     /// How often the dead-letter queues are counted for `notify_dead_letters`.
     pub dead_letter_interval: Duration,
+    /// Whether this worker moves its channels' dead letters from the broker's dead queues into
+    /// PostgreSQL (`DEAD_LETTER_INDEX`). Off: they stay in the queues, unlisted.
+    pub dead_letter_index: bool,
+    /// Ages and batch size of the retention purge.
+    pub retention: notify_store::Retention,
+    /// How often the retention purge runs (`RETENTION_INTERVAL`).
+    pub retention_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -99,6 +108,15 @@ impl WorkerConfig {
             http_host: cfg::string(src, "WORKER_HTTP_HOST", "0.0.0.0"),
             http_port: cfg::parse(src, "WORKER_HTTP_PORT", 9920u16)?,
             dead_letter_interval: cfg::duration(src, "WORKER_DEAD_LETTER_INTERVAL", Duration::from_secs(15))?,
+            dead_letter_index: cfg::parse(src, "DEAD_LETTER_INDEX", true)?,
+            retention: notify_store::Retention {
+                deliveries: cfg::duration(src, "RETENTION_DELIVERIES", DAY * 30)?,
+                inbox_items: cfg::duration(src, "RETENTION_INBOX", DAY * 90)?,
+                idempotency_keys: cfg::duration(src, "RETENTION_IDEMPOTENCY_KEYS", DAY)?,
+                dead_letters: cfg::duration(src, "RETENTION_DEAD_LETTERS", DAY * 30)?,
+                batch: cfg::bounded(src, "RETENTION_BATCH", 500, 1, 100_000)? as i64,
+            },
+            retention_interval: cfg::duration(src, "RETENTION_INTERVAL", Duration::from_secs(600))?,
         })
     }
 }

@@ -113,6 +113,38 @@ impl Worker {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+        let side = shutdown.child_token();
+        let side_tasks = self.start_side_tasks(&side);
+        let result = self.consume_until_stopped(&shutdown).await;
+        side.cancel();
+        for task in side_tasks {
+            let _ = task.await;
+        }
+        result
+    }
+
+    /// The dead-letter indexer and the retention purge (crate::dead_letters, crate::retention):
+    /// they run beside the consumers until `shutdown`.
+    fn start_side_tasks(&self, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        let store = self.deliverer.store.clone();
+        let mut tasks = Vec::new();
+        if self.config.dead_letter_index {
+            let indexer = crate::dead_letters::Indexer {
+                rabbitmq_url: self.config.rabbitmq_url.clone(),
+                url_order: self.config.rabbitmq_url_order,
+                topology: self.config.topology.clone(),
+                channels: self.config.channels.clone(),
+                store: store.clone(),
+            };
+            tasks.push(tokio::spawn(indexer.run(shutdown.clone())));
+        }
+        let (retention, every) = (self.config.retention.clone(), self.config.retention_interval);
+        tasks.push(tokio::spawn(crate::retention::run(store, retention, every, shutdown.clone())));
+        tasks
+    }
+
+    async fn consume_until_stopped(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let shutdown = shutdown.clone();
         // Every node of RABBITMQ_URL in turn: after a loss the others at once, then a backoff.
         let mut failover = Failover::with_order(&self.config.rabbitmq_url, self.config.rabbitmq_url_order);
         loop {

@@ -72,7 +72,7 @@ impl Executor {
 
 /// Acks, noting when the ack could not be sent (dead channel): the broker will redeliver, and
 /// the redelivery is harmless.
-async fn ack(delivery: &Delivery) {
+pub async fn ack(delivery: &Delivery) {
     match delivery.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!("ack not sent (channel closed); the message will be redelivered"),

@@ -8,6 +8,7 @@
 pub mod channels;
 pub mod config;
 pub mod consumer;
+pub mod dead_letters;
 pub mod deliver;
 pub mod execute;
 pub mod http;
@@ -18,6 +19,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod received;
 pub mod record;
+pub mod retention;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 

@@ -90,6 +90,8 @@ impl Setup {
             .env("DATABASE_URL", &self.db_url)
             .env("DATABASE_SCHEMA", &self.schema)
             .env("ROUTES_FILE", ROUTES_FILE)
+            // These tests read the dead queue itself.
+            .env("DEAD_LETTER_INDEX", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))

@@ -1,4 +1,5 @@
 mod accept;
+mod dead_letters;
 mod events;
 mod health;
 mod inbox;
@@ -48,6 +49,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/v1/users/{user}/notifications", "GET", get().to(inbox::list)))
         .service(resource("/api/v1/users/{user}/notifications/read-all", "POST", post().to(inbox::mark_all_read)))
         .service(resource("/api/v1/users/{user}/notifications/{id}/read", "POST", post().to(inbox::mark_read)))
+        .service(resource("/api/v1/dead-letters", "GET", get().to(dead_letters::list)))
+        .service(resource("/api/v1/dead-letters/replay", "POST", post().to(dead_letters::replay)))
+        .service(resource("/api/v1/dead-letters/discard", "POST", post().to(dead_letters::discard)))
+        .service(resource("/api/v1/dead-letters/{id}", "GET", get().to(dead_letters::show)))
         .service(resource("/health", "GET", get().to(health::health)))
         .service(resource("/ready", "GET", get().to(health::ready)));
 }

@@ -187,11 +187,27 @@ async fn direct(
 pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
     let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
-    let channels = state.store()?.delivery_status(id).await?;
+    let store = state.store()?;
+    let channels = store.delivery_status(id).await?;
     if channels.is_empty() {
         return Err(ApiError::NotFound(format!(
             "no delivery of notification {id} is recorded: the id is unknown, or the notification is still queued"
         )));
+    }
+    // How often each channel was replayed from its dead letters, and its latest dead letter:
+    // a delivered replay keeps the error that once killed it there.
+    let history = store.dead_letter_history(id).await?;
+    let mut channels = serde_json::to_value(channels).map_err(|e| ApiError::Unexpected(e.into()))?;
+    for ch in channels.as_array_mut().into_iter().flatten() {
+        let h = history.iter().find(|h| ch["channel"] == h.channel.as_str());
+        ch["replays"] = h.map_or(0, |h| h.replays).into();
+        ch["last_dead_letter"] =
+            match h.and_then(|h| h.last_dead_letter.as_ref().zip(h.last_dead_letter_status.as_ref())) {
+                Some((d, status)) => serde_json::json!({
+                    "id": d.id, "reason": d.reason, "last_error": d.last_error, "dead_at": d.dead_at, "status": status,
+                }),
+                None => serde_json::Value::Null,
+            };
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "channels": channels})))
 }

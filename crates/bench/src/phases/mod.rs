@@ -17,6 +17,7 @@
 //! 3. a call in [`run`] below, and a `mod` line here. Whatever the phase declares must be
 //!    deleted by [`crate::setup::cleanup`] (anything under the run's prefix and schema is).
 
+pub mod dead_letters;
 pub mod drain;
 pub mod e2e;
 pub mod ingest;
@@ -46,5 +47,6 @@ pub async fn run(ctx: &Ctx, rep: &mut Report) -> anyhow::Result<()> {
     let (peak, status) = api.proc.stop(Duration::from_secs(30)).await?;
     rep.api_peak_kb = peak;
     println!("» API peak RSS {:.1} MiB (exit {status})", peak as f64 / 1024.0);
+    rep.dead_letters = Some(dead_letters::run(ctx, ctx.args.dead_letters).await?);
     Ok(())
 }

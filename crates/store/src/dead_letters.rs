@@ -1,0 +1,499 @@
+//! Dead letters in PostgreSQL: the worker's indexer inserts each message it takes off a
+//! `<prefix>.<channel>.dead` queue; operators list, filter, replay and discard them.
+//!
+//! A row is listed while its status is `dead` or `replaying` (a replayer took it; if that
+//! replayer died, the row stays listed and a later replay may take it over after
+//! [`REPLAY_TAKEOVER_AFTER`]). `replayed` and `discarded` rows are history, purged by retention.
+
+use crate::{db_err, decode_cursor, encode_cursor, Store, StoreError};
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A row left `replaying` this long by a replayer that never finished (it crashed between
+/// taking it and recording the outcome) may be taken by the next replay.
+pub const REPLAY_TAKEOVER_AFTER: Duration = Duration::from_secs(60);
+
+/// The reasons a dead letter can have: the worker's (`x-notify-dead-reason`) and the broker's
+/// own dead-letterings (`x-death`) of messages that never passed through a worker.
+pub const DEAD_REASONS: &[&str] =
+    &["permanent", "max_attempts", "unparseable", "crashed_worker", "store_query", "delivery_limit", "rejected"];
+
+/// A dead message as the indexer read it off a dead queue.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub fingerprint: String,
+    pub notification_id: Option<Uuid>,
+    pub channel: String,
+    pub event: Option<String>,
+    pub reason: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub dead_at: DateTime<Utc>,
+    pub body: Vec<u8>,
+    /// The AMQP properties a replay republishes (see the API's replay).
+    pub properties: serde_json::Value,
+    pub replays: i32,
+}
+
+/// One dead letter as the API lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub notification_id: Option<Uuid>,
+    pub channel: String,
+    pub event: Option<String>,
+    pub reason: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub dead_at: DateTime<Utc>,
+    pub replays: i32,
+}
+
+/// One dead letter with its message and state.
+#[derive(Debug, Clone)]
+pub struct DeadLetterDetail {
+    pub letter: DeadLetter,
+    pub status: String,
+    pub status_at: DateTime<Utc>,
+    pub body: Vec<u8>,
+    pub properties: serde_json::Value,
+}
+
+/// What to list, replay or discard. Every field narrows; `error` is a case-insensitive
+/// substring of the last error; `since` is inclusive, `until` exclusive.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DeadLetterFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One page of dead letters, newest first.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterPage {
+    pub items: Vec<DeadLetter>,
+    pub next_cursor: Option<String>,
+    /// How many dead letters match the filter in all.
+    pub total: i64,
+}
+
+/// What [`Store::begin_replay`] found.
+#[derive(Debug, Clone)]
+pub enum BeginReplay {
+    /// Taken (`replaying`): publish it as replay number `replay`, then [`Store::finish_replay`].
+    /// `published` is true when a replayer that died had already published this very replay
+    /// (the worker has since picked it up): only the record is left to write.
+    Taken { job: ReplayJob, published: bool },
+    /// Still dead, but replayed `replays` times already (the limit).
+    Refused { replays: i32 },
+    /// Not a dead letter (unknown, replayed, discarded, or being replayed by another caller).
+    NotFound,
+}
+
+/// A dead letter taken for replay.
+#[derive(Debug, Clone)]
+pub struct ReplayJob {
+    pub id: Uuid,
+    pub notification_id: Option<Uuid>,
+    pub channel: String,
+    pub body: Vec<u8>,
+    pub properties: serde_json::Value,
+    /// The number this replay carries (`x-notify-replays`).
+    pub replay: i32,
+}
+
+/// An audit record of a replay or discard.
+#[derive(Debug, Clone)]
+pub struct DeadLetterAction<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub dry_run: bool,
+    pub selector: serde_json::Value,
+    pub matched: i32,
+    pub done: i32,
+    pub ids: &'a [Uuid],
+}
+
+const LISTED: &str = "status IN ('dead', 'replaying')";
+const COLUMNS: &str = "id, notification_id, channel, event, reason, attempts, last_error, dead_at, replays";
+
+fn push_filter(q: &mut QueryBuilder<'_, Postgres>, f: &DeadLetterFilter) {
+    q.push(" WHERE ").push(LISTED);
+    if let Some(v) = &f.channel {
+        q.push(" AND channel = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.event {
+        q.push(" AND event = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.reason {
+        q.push(" AND reason = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.error {
+        // strpos, not ILIKE: the operator's text is matched as it is, no wildcards to escape.
+        q.push(" AND strpos(lower(last_error), lower(").push_bind(v.clone()).push(")) > 0");
+    }
+    if let Some(v) = f.since {
+        q.push(" AND dead_at >= ").push_bind(v);
+    }
+    if let Some(v) = f.until {
+        q.push(" AND dead_at < ").push_bind(v);
+    }
+}
+
+impl Store {
+    /// Inserts a dead letter unless the same message is stored already (same fingerprint) →
+    /// `true` when inserted. A parseable message's delivery record becomes `dead` in the same
+    /// transaction (a broker-made dead letter never passed through a worker that would record
+    /// it; a delivered record is never downgraded).
+    pub async fn insert_dead_letter(&self, d: &NewDeadLetter) -> Result<bool, StoreError> {
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        let inserted = sqlx::query(
+            "INSERT INTO dead_letters (id, fingerprint, notification_id, channel, event, reason, attempts,
+                                       last_error, dead_at, body, properties, replays)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (fingerprint) DO NOTHING",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&d.fingerprint)
+        .bind(d.notification_id)
+        .bind(&d.channel)
+        .bind(&d.event)
+        .bind(&d.reason)
+        .bind(d.attempts)
+        .bind(&d.last_error)
+        .bind(d.dead_at)
+        .bind(&d.body)
+        .bind(&d.properties)
+        .bind(d.replays)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if let (true, Some(id)) = (inserted, d.notification_id) {
+            sqlx::query(
+                "INSERT INTO deliveries (notification_id, channel, status, attempts, last_error, dead_reason, event, replays)
+                 VALUES ($1, $2, 'dead', GREATEST($3, 0), $4, $5, $6, $7)
+                 ON CONFLICT (notification_id, channel) DO UPDATE
+                    SET status = 'dead',
+                        attempts = GREATEST(deliveries.attempts, EXCLUDED.attempts),
+                        last_error = COALESCE(EXCLUDED.last_error, deliveries.last_error),
+                        dead_reason = EXCLUDED.dead_reason,
+                        event = COALESCE(deliveries.event, EXCLUDED.event),
+                        updated_at = now()
+                  WHERE deliveries.status <> 'delivered'",
+            )
+            .bind(id)
+            .bind(&d.channel)
+            .bind(d.attempts)
+            .bind(&d.last_error)
+            .bind(&d.reason)
+            .bind(&d.event)
+            .bind(d.replays)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(inserted)
+    }
+
+    /// A page of listed dead letters matching `filter`, newest first (`dead_at DESC, id DESC`).
+    /// `cursor` is a previous page's `next_cursor` (check it with [`crate::is_valid_cursor`]);
+    /// `limit` is clamped to 1..=500.
+    pub async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        cursor: Option<&str>,
+        limit: i64,
+    ) -> Result<DeadLetterPage, StoreError> {
+        let limit = limit.clamp(1, 500);
+        let after = match cursor {
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| StoreError::Other(format!("invalid cursor {c:?}")))?),
+            None => None,
+        };
+        let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM dead_letters"));
+        push_filter(&mut q, filter);
+        if let Some((at, id)) = after {
+            q.push(" AND (dead_at, id) < (").push_bind(at).push(", ").push_bind(id).push(")");
+        }
+        q.push(" ORDER BY dead_at DESC, id DESC LIMIT ").push_bind(limit + 1);
+        // The page and its total from one snapshot: a dead letter indexed in between must not
+        // be counted and missing (or the other way round).
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let mut items: Vec<DeadLetter> = q.build_query_as().fetch_all(&mut *tx).await.map_err(db_err)?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|d| encode_cursor(d.dead_at, d.id))
+        } else {
+            None
+        };
+        let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM dead_letters");
+        push_filter(&mut count, filter);
+        let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(DeadLetterPage { items, next_cursor, total })
+    }
+
+    /// One dead letter, whatever its status; `None` when unknown.
+    pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetterDetail>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS}, status, status_at, body, properties FROM dead_letters WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let letter = <DeadLetter as sqlx::FromRow<_>>::from_row(&row).map_err(db_err)?;
+        Ok(Some(DeadLetterDetail {
+            letter,
+            status: row.try_get("status").map_err(db_err)?,
+            status_at: row.try_get("status_at").map_err(db_err)?,
+            body: row.try_get("body").map_err(db_err)?,
+            properties: row.try_get("properties").map_err(db_err)?,
+        }))
+    }
+
+    /// Ids of up to `limit` dead letters matching `filter` that a replay or discard may take
+    /// now: `dead` ones, and `replaying` ones abandoned for [`REPLAY_TAKEOVER_AFTER`]; oldest
+    /// first (the order they died in).
+    pub async fn select_dead_letters(&self, filter: &DeadLetterFilter, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new("SELECT id FROM dead_letters");
+        push_filter(&mut q, filter);
+        q.push(" AND (status = 'dead' OR status_at < now() - make_interval(secs => ")
+            .push_bind(REPLAY_TAKEOVER_AFTER.as_secs_f64())
+            .push("))");
+        q.push(" ORDER BY dead_at, id LIMIT ").push_bind(limit.max(0));
+        q.build_query_scalar().fetch_all(self.pool()).await.map_err(db_err)
+    }
+
+    /// Of `ids`, those a replay or discard may take now (see [`Store::select_dead_letters`]).
+    pub async fn takeable_dead_letters(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM dead_letters WHERE id = ANY($1)
+                AND (status = 'dead' OR (status = 'replaying' AND status_at < now() - make_interval(secs => $2)))
+              ORDER BY dead_at, id",
+        )
+        .bind(ids)
+        .bind(REPLAY_TAKEOVER_AFTER.as_secs_f64())
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)
+    }
+
+    /// Takes one dead letter for replay: `dead` → `replaying` (a conditional update, so of
+    /// concurrent callers exactly one gets it), refused when it was replayed `limit` times
+    /// already. In the same transaction the delivery record is made claimable again: `queued`,
+    /// attempts and crash count reset, `replays` set, so the worker's send guard lets the
+    /// replay send once (and still stops a broker redelivery of it after it was delivered).
+    pub async fn begin_replay(&self, id: Uuid, limit: i32) -> Result<BeginReplay, StoreError> {
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        let taken = sqlx::query(
+            "UPDATE dead_letters SET status = 'replaying', status_at = now()
+              WHERE id = $1 AND replays < $2
+                AND (status = 'dead' OR (status = 'replaying' AND status_at < now() - make_interval(secs => $3)))
+              RETURNING notification_id, channel, body, properties, replays",
+        )
+        .bind(id)
+        .bind(limit)
+        .bind(REPLAY_TAKEOVER_AFTER.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = taken else {
+            drop(tx);
+            let state: Option<(String, i32, bool)> = sqlx::query_as(
+                "SELECT status, replays, status_at < now() - make_interval(secs => $2) FROM dead_letters WHERE id = $1",
+            )
+            .bind(id)
+            .bind(REPLAY_TAKEOVER_AFTER.as_secs_f64())
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+            return Ok(match state {
+                Some((status, replays, stale)) if status == "dead" || (status == "replaying" && stale) => {
+                    BeginReplay::Refused { replays }
+                }
+                _ => BeginReplay::NotFound,
+            });
+        };
+        let notification_id: Option<Uuid> = row.try_get("notification_id").map_err(db_err)?;
+        let channel: String = row.try_get("channel").map_err(db_err)?;
+        let replay = row.try_get::<i32, _>("replays").map_err(db_err)? + 1;
+        let mut published = false;
+        if let Some(nid) = notification_id {
+            // A record already carrying this replay's number and moved on by a worker means a
+            // replayer that died had published it: publishing again would make two copies.
+            let seen: Option<(String, i32)> = sqlx::query_as(
+                "SELECT status, replays FROM deliveries WHERE notification_id = $1 AND channel = $2 FOR UPDATE",
+            )
+            .bind(nid)
+            .bind(&channel)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            published = matches!(&seen, Some((status, n)) if *n == replay && status != "queued");
+            if !published {
+                sqlx::query(
+                    "UPDATE deliveries SET status = 'queued', attempts = 0, crashes = 0, claimed_by = NULL,
+                            replays = $3, updated_at = now()
+                      WHERE notification_id = $1 AND channel = $2 AND status <> 'delivered'",
+                )
+                .bind(nid)
+                .bind(&channel)
+                .bind(replay)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        let job = ReplayJob {
+            id,
+            notification_id,
+            channel,
+            body: row.try_get("body").map_err(db_err)?,
+            properties: row.try_get("properties").map_err(db_err)?,
+            replay,
+        };
+        Ok(BeginReplay::Taken { job, published })
+    }
+
+    /// The replay was published (confirmed): the dead letter is `replayed`, with its number.
+    pub async fn finish_replay(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE dead_letters SET status = 'replayed', replays = $2, status_at = now()
+              WHERE id = $1 AND status = 'replaying'",
+        )
+        .bind(job.id)
+        .bind(job.replay)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The replay could not be published: the dead letter is `dead` again, and so is its
+    /// delivery record (unless a worker moved it on meanwhile).
+    pub async fn abort_replay(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        sqlx::query(
+            "UPDATE dead_letters SET status = 'dead', status_at = now() WHERE id = $1 AND status = 'replaying'",
+        )
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if let Some(nid) = job.notification_id {
+            sqlx::query(
+                "UPDATE deliveries SET status = 'dead', replays = $3 - 1, updated_at = now()
+                  WHERE notification_id = $1 AND channel = $2 AND status = 'queued' AND replays = $3",
+            )
+            .bind(nid)
+            .bind(&job.channel)
+            .bind(job.replay)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Discards those of `ids` that are takeable (see [`Store::takeable_dead_letters`]): status
+    /// `discarded`, never listed or replayed again. Returns the ids discarded.
+    pub async fn discard_dead_letters(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(
+            "UPDATE dead_letters SET status = 'discarded', status_at = now()
+              WHERE id = ANY($1)
+                AND (status = 'dead' OR (status = 'replaying' AND status_at < now() - make_interval(secs => $2)))
+              RETURNING id",
+        )
+        .bind(ids)
+        .bind(REPLAY_TAKEOVER_AFTER.as_secs_f64())
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)
+    }
+
+    /// Writes the audit record of a replay or discard.
+    pub async fn record_dead_letter_action(&self, a: &DeadLetterAction<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dead_letter_actions (id, actor, action, dry_run, selector, matched, done, ids)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(a.actor)
+        .bind(a.action)
+        .bind(a.dry_run)
+        .bind(&a.selector)
+        .bind(a.matched)
+        .bind(a.done)
+        .bind(a.ids)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Per channel of a notification: how often it was replayed, and its latest dead letter
+    /// (whatever became of it), for the status endpoint's history.
+    pub async fn dead_letter_history(&self, notification_id: Uuid) -> Result<Vec<ChannelHistory>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT d.channel AS history_channel, d.replays AS history_replays, l.status AS dl_status,
+                    {}
+               FROM deliveries d
+               LEFT JOIN LATERAL (SELECT * FROM dead_letters x
+                                   WHERE x.notification_id = d.notification_id AND x.channel = d.channel
+                                   ORDER BY x.dead_at DESC LIMIT 1) l ON true
+              WHERE d.notification_id = $1
+              ORDER BY d.channel",
+            COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ")
+        ))
+        .bind(notification_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: Option<Uuid> = row.try_get("id").map_err(db_err)?;
+            let last_dead_letter = match id {
+                Some(_) => Some(<DeadLetter as sqlx::FromRow<_>>::from_row(&row).map_err(db_err)?),
+                None => None,
+            };
+            out.push(ChannelHistory {
+                channel: row.try_get("history_channel").map_err(db_err)?,
+                replays: row.try_get("history_replays").map_err(db_err)?,
+                last_dead_letter_status: row.try_get("dl_status").map_err(db_err)?,
+                last_dead_letter,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Store::dead_letter_history`] tells of one channel.
+#[derive(Debug, Clone)]
+pub struct ChannelHistory {
+    pub channel: String,
+    pub replays: i32,
+    pub last_dead_letter: Option<DeadLetter>,
+    pub last_dead_letter_status: Option<String>,
+}
+
+impl Store {}
