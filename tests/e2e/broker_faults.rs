@@ -141,6 +141,7 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(80);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_during_5000_posts_loses_no_202() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let broker = PrivateBroker::start().await.expect("private broker starts");
     let smtp = SmtpServer::start().await;
     let prefix = rabbit::unique_prefix("broker-restart");
@@ -309,6 +310,7 @@ const BACKLOG: usize = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_gives_503_and_ready_false_while_the_worker_keeps_draining() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let broker = PrivateBroker::start().await.expect("private broker starts");
     let smtp = SmtpServer::start().await;
     // Slow while the backlog builds and the alarm goes up, so the worker is surely mid-drain.

@@ -12,6 +12,7 @@ const PATH: &str = "/api/v1/notifications/email";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_get_503_within_5s_while_the_broker_is_down_and_202_after_it_returns() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let broker = PrivateBroker::start().await.expect("private broker starts");
     let smtp = SmtpServer::start().await;
     let s = settings(&rabbit::unique_prefix("outage"), &broker.url(), &smtp.url());

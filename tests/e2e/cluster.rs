@@ -60,6 +60,7 @@ const CONSUMING_AGAIN_WITHIN: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_queue_leaders_node_loses_and_duplicates_nothing() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let cluster = PrivateCluster::shared().await.expect("private cluster starts");
     let _exclusive = cluster.lock().await.expect("cluster healthy");
     let w = World::new(cluster, "cluster-leader-killed").await;
@@ -69,6 +70,7 @@ async fn killing_the_queue_leaders_node_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_node_notify_is_connected_to_fails_over_within_seconds() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let cluster = PrivateCluster::shared().await.expect("private cluster starts");
     let _exclusive = cluster.lock().await.expect("cluster healthy");
     let w = World::new(cluster, "cluster-connected-killed").await;
@@ -78,6 +80,7 @@ async fn killing_the_node_notify_is_connected_to_fails_over_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_over_at_a_low_rate_leaves_no_publish_channel_nacked() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let cluster = PrivateCluster::shared().await.expect("private cluster starts");
     let _exclusive = cluster.lock().await.expect("cluster healthy");
     let w = World::new(cluster, "cluster-low-rate").await;
@@ -87,6 +90,7 @@ async fn failing_over_at_a_low_rate_leaves_no_publish_channel_nacked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_lost_for_ten_seconds_with_idempotent_retries_delivers_each_key_once() {
+    let _turn = support::private_nodes_one_at_a_time().await;
     let cluster = PrivateCluster::shared().await.expect("private cluster starts");
     let _exclusive = cluster.lock().await.expect("cluster healthy");
     let w = World::new(cluster, "cluster-quorum-lost").await;

@@ -21,6 +21,8 @@ async fn no_secret_appears_in_logs_or_error_bodies() {
     let logs = support::logs();
     let mut bodies: Vec<String> = Vec::new();
 
+    let _turn = support::private_nodes_one_at_a_time().await;
+
     let broker = PrivateBroker::start().await.expect("private broker");
     broker.rabbitmqctl(&["add_user", "notify", AMQP_PASSWORD]).await.unwrap();
     broker.rabbitmqctl(&["set_permissions", "-p", "/", "notify", ".*", ".*", ".*"]).await.unwrap();

@@ -78,6 +78,14 @@ pub fn logs() -> &'static Captured {
     })
 }
 
+/// Tests that run RabbitMQ nodes of their own (a private broker, the private cluster) take
+/// turns: in one test binary they would otherwise boot and kill Erlang nodes at the same time,
+/// and on a 2-core machine a node then misses its start deadline. Hold the guard for the test.
+pub async fn private_nodes_one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 /// Removes a test's queues, exchange and schema when the test panics before its own cleanup
 /// (a leftover quorum queue holds broker file handles; enough of them wedge the broker).
 pub struct Leftovers {

@@ -270,6 +270,16 @@ impl Store {
         }))
     }
 
+    /// Dead letters of `channel` waiting for an operator (status `dead`), for the
+    /// `notify_dead_letters` gauge.
+    pub async fn waiting_dead_letters(&self, channel: &str) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE channel = $1 AND status = 'dead'")
+            .bind(channel)
+            .fetch_one(self.pool())
+            .await
+            .map_err(db_err)
+    }
+
     /// Ids of up to `limit` dead letters matching `filter` that a replay or discard may take
     /// now: `dead` ones, and `replaying` ones abandoned for [`REPLAY_TAKEOVER_AFTER`]; oldest
     /// first (the order they died in).

@@ -257,7 +257,7 @@ impl Worker {
             _ = shutdown.cancelled() => SessionEnd::Stopped,
             _ = loops.join_next() => SessionEnd::Lost,
             _ = connection_lost(pub_conn) => SessionEnd::Lost,
-            _ = metrics::watch_dead_letters(&counting, &self.config.topology, &self.config.channels, self.config.dead_letter_interval) => SessionEnd::Lost,
+            _ = metrics::watch_dead_letters(&counting, &self.config.topology, &self.config.channels, self.config.dead_letter_interval, self.config.dead_letter_index.then_some(&self.deliverer.store)) => SessionEnd::Lost,
         };
         // Unready at once, not after the drain below (which may take WORKER_SHUTDOWN_TIMEOUT).
         self.readiness.set_consuming(false);

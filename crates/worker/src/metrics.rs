@@ -142,7 +142,13 @@ pub fn smtp_pool(in_use: usize, idle: usize) {
 /// of each channel's dead-letter queue (a passive declare on `ch`: quorum queue counts from
 /// `rabbitmqctl` lag by seconds, this does not). Never returns: the session drops it when it
 /// ends, and the next session starts another on its own channel.
-pub async fn watch_dead_letters(ch: &lapin::Channel, topology: &Topology, channels: &[Channel], interval: Duration) {
+pub async fn watch_dead_letters(
+    ch: &lapin::Channel,
+    topology: &Topology,
+    channels: &[Channel],
+    interval: Duration,
+    indexed: Option<&notify_store::Store>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -150,12 +156,27 @@ pub async fn watch_dead_letters(ch: &lapin::Channel, topology: &Topology, channe
         for &channel in channels {
             let queue = topology.dead_queue(channel);
             let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-            match ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
-                Ok(q) => metrics::gauge!(DEAD_LETTERS, "channel" => channel.as_str()).set(q.message_count() as f64),
+            let in_queue = match ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
+                Ok(q) => q.message_count() as f64,
                 // The topology declared these queues at the session's start: a failure here is
                 // the session's trouble, which the consumers notice and end it for.
-                Err(e) => tracing::debug!(%channel, error = %e, "could not count dead letters"),
-            }
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "could not count dead letters");
+                    continue;
+                }
+            };
+            // With DEAD_LETTER_INDEX the queue is only a buffer: those waiting are in Postgres.
+            let stored = match indexed {
+                Some(store) => match store.waiting_dead_letters(channel.as_str()).await {
+                    Ok(n) => n as f64,
+                    Err(e) => {
+                        tracing::debug!(%channel, error = %e, "could not count stored dead letters");
+                        continue;
+                    }
+                },
+                None => 0.0,
+            };
+            metrics::gauge!(DEAD_LETTERS, "channel" => channel.as_str()).set(in_queue + stored);
         }
     }
 }
