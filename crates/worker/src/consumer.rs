@@ -252,12 +252,17 @@ impl Worker {
         }
 
         let counting = conn.create_channel().await?;
+        let (topology, channels) = (&self.config.topology, &self.config.channels);
+        let stored = self.config.dead_letter_index.then_some(&self.deliverer.store);
+        let dead_letters =
+            metrics::watch_dead_letters(&counting, topology, channels, self.config.dead_letter_interval, stored);
         self.readiness.set_consuming(true);
         let end = tokio::select! {
             _ = shutdown.cancelled() => SessionEnd::Stopped,
             _ = loops.join_next() => SessionEnd::Lost,
             _ = connection_lost(pub_conn) => SessionEnd::Lost,
-            _ = metrics::watch_dead_letters(&counting, &self.config.topology, &self.config.channels, self.config.dead_letter_interval, self.config.dead_letter_index.then_some(&self.deliverer.store)) => SessionEnd::Lost,
+            // Never ends by itself; counts until the session does.
+            _ = dead_letters => SessionEnd::Lost,
         };
         // Unready at once, not after the drain below (which may take WORKER_SHUTDOWN_TIMEOUT).
         self.readiness.set_consuming(false);
