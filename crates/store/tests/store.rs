@@ -5,12 +5,17 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use notify_store::{Begin, Claim, NewInboxItem, Store, StoreError};
+use notify_store::{Begin, Claim, DeliveryKey, DeliveryState, NewInboxItem, Store, StoreError};
+use notify_types::Channel::{self, Email, InApp, Webhook};
 use serde_json::json;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn key(id: Uuid, channel: Channel) -> DeliveryKey {
+    DeliveryKey::new(id, channel)
+}
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string())
@@ -73,80 +78,80 @@ async fn claim_guard_and_states() {
         assert!(s.delivery_status(id).await.unwrap().is_empty());
 
         // First attempt proceeds.
-        assert_eq!(s.claim(id, "email", Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Email), Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].channel, "email");
-        assert_eq!(st[0].status, "delivering");
+        assert_eq!(st[0].channel, Channel::Email);
+        assert_eq!(st[0].status, DeliveryState::Delivering);
         assert_eq!(st[0].attempts, 1);
         assert_eq!(st[0].event.as_deref(), Some("user.signup"));
         assert!(st[0].delivered_at.is_none());
 
         // Fails → retrying with the error.
-        s.mark_retrying(id, "email", None, "smtp 451").await.unwrap();
+        s.mark_retrying(key(id, Email), None, "smtp 451").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "retrying");
+        assert_eq!(st[0].status, DeliveryState::Retrying);
         assert_eq!(st[0].last_error.as_deref(), Some("smtp 451"));
 
         // Second attempt: attempts goes up; event kept when not given.
-        assert_eq!(s.claim(id, "email", None, 2).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Email), None, 2).await.unwrap(), Claim::Proceed);
         // A stale redelivery with a lower attempt number does not lower the count; it finds the
         // previous claim unfinished (still `delivering`) and counts that as a crash.
-        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Unfinished { crashes: 1 });
+        assert_eq!(s.claim(key(id, Email), None, 1).await.unwrap(), Claim::Unfinished { crashes: 1 });
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivering");
+        assert_eq!(st[0].status, DeliveryState::Delivering);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].event.as_deref(), Some("user.signup"));
 
         // Delivered: last_error cleared (issue 14: a delivered status shows no error),
         // delivered_at set.
-        s.mark_delivered(id, "email").await.unwrap();
+        s.mark_delivered(key(id, Email)).await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].last_error, None);
         let delivered_at = st[0].delivered_at.expect("delivered_at");
         assert!(st[0].updated_at >= st[0].created_at);
 
         // The guard: never again.
-        assert_eq!(s.claim(id, "email", None, 3).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim(key(id, Email), None, 3).await.unwrap(), Claim::AlreadyDelivered);
         // A late failure report can't downgrade a delivered row.
-        s.mark_retrying(id, "email", None, "late").await.unwrap();
-        s.mark_dead(id, "email", None, 9, "late", "rejected").await.unwrap();
-        s.mark_delivered(id, "email").await.unwrap();
+        s.mark_retrying(key(id, Email), None, "late").await.unwrap();
+        s.mark_dead(key(id, Email), None, 9, "late", "rejected").await.unwrap();
+        s.mark_delivered(key(id, Email)).await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].last_error, None);
         assert_eq!(st[0].delivered_at, Some(delivered_at));
 
         // Another channel of the same notification is independent; dead after retries.
-        assert_eq!(s.claim(id, "webhook", Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
-        s.mark_retrying(id, "webhook", None, "HTTP 500").await.unwrap();
-        s.mark_dead(id, "webhook", None, 5, "HTTP 500", "delivery_limit").await.unwrap();
+        assert_eq!(s.claim(key(id, Webhook), Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
+        s.mark_retrying(key(id, Webhook), None, "HTTP 500").await.unwrap();
+        s.mark_dead(key(id, Webhook), None, 5, "HTTP 500", "delivery_limit").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(
             st.iter().map(|d| d.channel.as_str()).collect::<Vec<_>>(),
             ["email", "webhook"],
             "ordered by channel"
         );
-        assert_eq!(st[1].status, "dead");
+        assert_eq!(st[1].status, DeliveryState::Dead);
         assert_eq!(st[1].attempts, 5);
         assert_eq!(st[1].last_error.as_deref(), Some("HTTP 500"));
         assert!(st[1].delivered_at.is_none());
 
         // A replayed dead letter can be claimed again.
-        assert_eq!(s.claim(id, "webhook", None, 1).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Webhook), None, 1).await.unwrap(), Claim::Proceed);
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[1].status, "delivering");
+        assert_eq!(st[1].status, DeliveryState::Delivering);
         assert_eq!(st[1].attempts, 5);
 
         // Dead before any claim (bad payload): upsert.
         let id2 = Uuid::now_v7();
-        s.mark_dead(id2, "in_app", None, 1, "invalid payload", "rejected").await.unwrap();
+        s.mark_dead(key(id2, InApp), None, 1, "invalid payload", "rejected").await.unwrap();
         let st = s.delivery_status(id2).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].status, "dead");
+        assert_eq!(st[0].status, DeliveryState::Dead);
         assert_eq!(st[0].attempts, 1);
         assert_eq!(st[0].last_error.as_deref(), Some("invalid payload"));
 
@@ -162,13 +167,13 @@ async fn claim_guard_and_states() {
 async fn concurrent_claims_after_delivery_are_all_already_delivered() {
     with_store(10, |s| async move {
         let id = Uuid::now_v7();
-        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Proceed);
-        s.mark_delivered(id, "email").await.unwrap();
+        assert_eq!(s.claim(key(id, Email), None, 1).await.unwrap(), Claim::Proceed);
+        s.mark_delivered(key(id, Email)).await.unwrap();
 
         let mut set = JoinSet::new();
         for attempt in 0..10 {
             let s = s.clone();
-            set.spawn(async move { s.claim(id, "email", None, attempt + 2).await });
+            set.spawn(async move { s.claim(key(id, Email), None, attempt + 2).await });
         }
         let results: Vec<_> = set.join_all().await;
         assert_eq!(results.len(), 10);
@@ -176,7 +181,7 @@ async fn concurrent_claims_after_delivery_are_all_already_delivered() {
             assert_eq!(r.unwrap(), Claim::AlreadyDelivered);
         }
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 1);
     })
     .await;
@@ -191,7 +196,7 @@ async fn concurrent_first_claims_all_succeed_without_errors() {
         let mut set = JoinSet::new();
         for attempt in 1..=10 {
             let s = s.clone();
-            set.spawn(async move { s.claim(id, "webhook", Some("e"), attempt).await });
+            set.spawn(async move { s.claim(key(id, Webhook), Some("e"), attempt).await });
         }
         // The first one proceeds; each later one finds the row mid-delivery and counts it.
         let mut crashes: Vec<i32> = set
@@ -243,10 +248,10 @@ async fn inbox_insert_is_idempotent_and_marks_in_app_delivered() {
         // The in_app delivery is delivered, so the guard stops a redelivery.
         let st = s.delivery_status(item.notification_id).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].channel, "in_app");
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].channel, Channel::InApp);
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert!(st[0].delivered_at.is_some());
-        assert_eq!(s.claim(item.notification_id, "in_app", None, 2).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim(key(item.notification_id, InApp), None, 2).await.unwrap(), Claim::AlreadyDelivered);
 
         // Same notification for another user is another item.
         let mut bob = item.clone();
@@ -324,7 +329,7 @@ async fn inbox_pagination_newest_first() {
 
         // A bad cursor is an error (the API validates first with is_valid_cursor).
         assert!(!notify_store::is_valid_cursor("garbage"));
-        assert!(matches!(s.list_inbox("dave", false, Some("garbage"), 10).await, Err(StoreError::Other(_))));
+        assert!(matches!(s.list_inbox("dave", false, Some("garbage"), 10).await, Err(StoreError::BadCursor(_))));
         // Unknown user: empty.
         let page = s.list_inbox("nobody", false, None, 10).await.unwrap();
         assert!(page.items.is_empty());
@@ -504,9 +509,9 @@ async fn unreachable_database_is_unavailable_fast() {
     let store = Store::connect_lazy("postgres://postgres@127.0.0.1:1/test", "t_unreachable", 2)
         .expect("lazy connect does not touch the network");
     let t = Instant::now();
-    let err = store.claim(Uuid::now_v7(), "email", None, 1).await.unwrap_err();
+    let err = store.claim(key(Uuid::now_v7(), Email), None, 1).await.unwrap_err();
     let took = t.elapsed();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(err.is_unavailable());
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(err.to_string().starts_with("database unavailable: "), "{err}");
@@ -515,8 +520,8 @@ async fn unreachable_database_is_unavailable_fast() {
 
     let t = Instant::now();
     let (ping, migrate) = tokio::join!(store.ping(), store.migrate());
-    assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
-    assert!(matches!(migrate, Err(StoreError::Unavailable(_))), "{migrate:?}");
+    assert!(matches!(ping, Err(StoreError::Unavailable { .. })), "{ping:?}");
+    assert!(matches!(migrate, Err(StoreError::Unavailable { .. })), "{migrate:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
@@ -569,18 +574,18 @@ async fn schemas_are_isolated_and_dropped() {
     assert_ne!(a.schema(), b.schema());
 
     let id = Uuid::now_v7();
-    a.claim(id, "email", None, 1).await.unwrap();
-    a.mark_delivered(id, "email").await.unwrap();
+    a.claim(key(id, Email), None, 1).await.unwrap();
+    a.mark_delivered(key(id, Email)).await.unwrap();
     let item = inbox_item("henry", 0);
     a.insert_inbox_item(&item).await.unwrap();
     assert_eq!(a.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
 
     assert!(b.delivery_status(id).await.unwrap().is_empty());
-    assert_eq!(b.claim(id, "email", None, 1).await.unwrap(), Claim::Proceed);
+    assert_eq!(b.claim(key(id, Email), None, 1).await.unwrap(), Claim::Proceed);
     assert_eq!(b.unread_count("henry").await.unwrap(), 0);
     assert!(b.insert_inbox_item(&item).await.unwrap());
     assert_eq!(b.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
-    assert_eq!(a.claim(id, "email", None, 2).await.unwrap(), Claim::AlreadyDelivered);
+    assert_eq!(a.claim(key(id, Email), None, 2).await.unwrap(), Claim::AlreadyDelivered);
 
     a.drop_schema().await.unwrap();
     assert!(!schema_exists(&b, a.schema()).await);
@@ -594,7 +599,7 @@ async fn schemas_are_isolated_and_dropped() {
 #[tokio::test]
 async fn bad_schema_names_are_refused() {
     for bad in ["", "Robert'); DROP", "a b", "x\"y", "pg_catalog", &"a".repeat(64)] {
-        assert!(matches!(Store::connect_lazy(&database_url(), bad, 1), Err(StoreError::Other(_))), "{bad:?}");
+        assert!(matches!(Store::connect_lazy(&database_url(), bad, 1), Err(StoreError::Config(_))), "{bad:?}");
     }
     assert!(Store::connect_lazy(&database_url(), "public", 1).is_ok());
 }
@@ -605,14 +610,14 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
         // 300 deliveries at once, a third of them delivered before: their claims must say so.
         let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
         for id in ids.iter().step_by(3) {
-            assert_eq!(s.claim(*id, "webhook", None, 1).await.unwrap(), Claim::Proceed);
-            s.mark_delivered(*id, "webhook").await.unwrap();
+            assert_eq!(s.claim(key(*id, Webhook), None, 1).await.unwrap(), Claim::Proceed);
+            s.mark_delivered(key(*id, Webhook)).await.unwrap();
         }
         let before = s.group_commit_stats();
         let mut set = JoinSet::new();
         for (i, id) in ids.iter().enumerate() {
             let (s, id) = (s.clone(), *id);
-            set.spawn(async move { (i, s.claim(id, "webhook", Some("e"), 2).await.unwrap()) });
+            set.spawn(async move { (i, s.claim(key(id, Webhook), Some("e"), 2).await.unwrap()) });
         }
         let results = set.join_all().await;
         let after = s.group_commit_stats();
@@ -641,7 +646,7 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
                 };
                 let first = s.insert_inbox_item(&item).await.unwrap();
                 let again = s.insert_inbox_item(&item).await.unwrap();
-                s.mark_delivered(id, "webhook").await.unwrap();
+                s.mark_delivered(key(id, Webhook)).await.unwrap();
                 (first, again)
             });
         }
@@ -655,7 +660,7 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
         assert_eq!(items, 200);
         for id in &ids {
             let st = s.delivery_status(*id).await.unwrap();
-            assert!(st.iter().all(|r| r.status == "delivered"), "{id}: {st:?}");
+            assert!(st.iter().all(|r| r.status == DeliveryState::Delivered), "{id}: {st:?}");
         }
     })
     .await;

@@ -8,7 +8,7 @@ use crate::{
 };
 use chrono::SecondsFormat;
 use futures_util::FutureExt;
-use notify_store::{Claim, NewInboxItem, Store, StoreError};
+use notify_store::{Claim, DeliveryKey, DeliveryState, NewInboxItem, Store, StoreError};
 use notify_types::{routes::Routes, Channel, EmailMessage, Envelope, EventPayload, InAppMessage, Kind, WebhookMessage};
 use std::{panic::AssertUnwindSafe, sync::Arc};
 
@@ -53,7 +53,9 @@ impl Deliverer {
             // Named by its publish: a second copy of this id (an idempotent retry's) that finds
             // this one being delivered acks instead of sending again.
             let copy = format!("{} {}", env.correlation_id, env.created_at.to_rfc3339_opts(SecondsFormat::Nanos, true));
-            self.store.claim_copy(env.id, channel.as_str(), env.event.as_deref(), attempt as i32, Some(&copy)).await
+            self.store
+                .claim_copy(DeliveryKey::new(env.id, channel), env.event.as_deref(), attempt as i32, Some(&copy))
+                .await
         };
         match claim {
             Ok(Claim::Proceed) => {}
@@ -84,7 +86,7 @@ impl Deliverer {
     /// claim that follows will meet the same database.
     async fn unfinished(&self, channel: Channel, env: &Envelope) -> bool {
         match self.store.delivery_status(env.id).await {
-            Ok(rows) => rows.iter().any(|r| r.channel == channel.as_str() && r.status == "delivering"),
+            Ok(rows) => rows.iter().any(|r| r.channel == channel && r.status == DeliveryState::Delivering),
             Err(_) => false,
         }
     }
@@ -97,17 +99,17 @@ impl Deliverer {
         attempt: u32,
         outcome: &Outcome,
     ) -> Result<(), StoreError> {
-        let ch = channel.as_str();
+        let key = DeliveryKey::new(env.id, channel);
         let result = match outcome {
             // An in-app delivery is the inbox insert, which marked it delivered in the same
             // statement: nothing is left to record.
             Outcome::Delivered if channel == Channel::InApp => Ok(()),
-            Outcome::Delivered => self.store.mark_delivered(env.id, ch).await,
+            Outcome::Delivered => self.store.mark_delivered(key).await,
             Outcome::Retry { error, .. } | Outcome::Defer { error } => {
-                self.store.mark_retrying(env.id, ch, env.event.as_deref(), error).await
+                self.store.mark_retrying(key, env.event.as_deref(), error).await
             }
             Outcome::Dead { reason, error } => {
-                self.store.mark_dead(env.id, ch, env.event.as_deref(), attempt as i32, error, reason.as_str()).await
+                self.store.mark_dead(key, env.event.as_deref(), attempt as i32, error, reason.as_str()).await
             }
             Outcome::AlreadyDelivered | Outcome::RecordLater { .. } => Ok(()),
         };
@@ -221,8 +223,9 @@ fn parse<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, Outcome> {
 }
 
 fn defer(e: StoreError) -> Outcome {
-    match e {
-        StoreError::Unavailable(_) => Outcome::Defer { error: e.to_string() },
-        other => Outcome::retry(other.to_string()),
+    if e.is_unavailable() {
+        Outcome::Defer { error: e.to_string() }
+    } else {
+        Outcome::retry(e.to_string())
     }
 }
