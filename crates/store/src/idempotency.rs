@@ -1,14 +1,22 @@
 //! The API's `Idempotency-Key` records: one row per (producer-scoped) key, owned by the first
 //! request that carries it, replayed to the ones after it.
+//!
+//! The time rules (a pending key older than [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`] may be
+//! taken over) are decided with the caller's clock (`now` arguments, also written as the
+//! key's `created_at`), not the database's `now()`: the API's tests move that clock past the
+//! takeover time instead of sleeping through it. The API hosts' clocks are NTP-synchronised;
+//! their skew is far below the minute the rule is about.
 
 use crate::columns::text_column;
 use crate::errors::{db_err, StoreError};
 use crate::pool::Store;
+use chrono::{DateTime, Utc};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// A `pending` idempotency key older than this is considered abandoned by a crashed owner:
-/// the next [`Store::idempotency_begin`] with the same request hash takes it over (`Owner`).
+/// A `pending` idempotency key older than this may have been left by a crashed owner:
+/// [`Store::idempotency_begin`] answers [`Begin::Stale`], and after waiting for the owner the
+/// caller may take it over ([`Store::idempotency_take_over`]).
 pub const IDEMPOTENCY_PENDING_TAKEOVER_AFTER: Duration = Duration::from_secs(60);
 
 const IDEMPOTENCY_POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -24,6 +32,11 @@ pub enum Begin {
     Mismatch,
     /// Same key and request, the owner is still working on it.
     Pending,
+    /// Same key and request, pending for longer than [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`]:
+    /// the owner crashed, or it published and is still retrying to save its answer (the
+    /// database was out of reach). Wait for it ([`Store::idempotency_wait`]) at least as long
+    /// as the owner's retry interval, then take over ([`Store::idempotency_take_over`]).
+    Stale,
 }
 
 /// `idempotency_keys.state`.
@@ -76,23 +89,30 @@ impl Store {
     ///   wins: `INSERT .. ON CONFLICT DO NOTHING`);
     /// - present with another hash → [`Begin::Mismatch`];
     /// - present, same hash, completed → [`Begin::Replay`];
-    /// - present, same hash, pending → [`Begin::Pending`], except that a pending row older than
-    ///   [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`] (its owner crashed) is taken over → `Owner`;
+    /// - present, same hash, pending → [`Begin::Pending`], or [`Begin::Stale`] when it was
+    ///   created (or last taken over) more than [`IDEMPOTENCY_PENDING_TAKEOVER_AFTER`] before
+    ///   `now`;
     /// - present, same hash, failed (see [`Store::idempotency_abandon`]) → taken over → `Owner`.
     ///
     /// An owner asks [`Store::idempotency_notification`] for the id to publish under.
-    pub async fn idempotency_begin(&self, key: &str, request_hash: &str) -> Result<Begin, StoreError> {
+    pub async fn idempotency_begin(
+        &self,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Begin, StoreError> {
         let stale_secs = IDEMPOTENCY_PENDING_TAKEOVER_AFTER.as_secs_f64();
         // A few rounds: the row can vanish (abandoned) between our INSERT and SELECT.
         for _ in 0..5 {
             let inserted: Option<(String,)> = sqlx::query_as(
-                "INSERT INTO idempotency_keys (key, request_hash, state)
-                 VALUES ($1, $2, 'pending')
+                "INSERT INTO idempotency_keys (key, request_hash, state, created_at)
+                 VALUES ($1, $2, 'pending', $3)
                  ON CONFLICT (key) DO NOTHING
                  RETURNING key",
             )
             .bind(key)
             .bind(request_hash)
+            .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
@@ -103,11 +123,12 @@ impl Store {
             let existing: Option<IdempotencyRow> = sqlx::query_as(
                 "SELECT request_hash, state, response_status, response_body,
                         (state = 'pending'
-                         AND created_at < now() - make_interval(secs => $2)) AS stale
+                         AND created_at < $3 - make_interval(secs => $2)) AS stale
                    FROM idempotency_keys WHERE key = $1",
             )
             .bind(key)
             .bind(stale_secs)
+            .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
@@ -120,11 +141,12 @@ impl Store {
                 KeyState::Completed => return replay_of(key, row.response_status, row.response_body),
                 KeyState::Failed => {
                     let taken = sqlx::query(
-                        "UPDATE idempotency_keys SET state = 'pending', created_at = now()
+                        "UPDATE idempotency_keys SET state = 'pending', created_at = $3
                           WHERE key = $1 AND request_hash = $2 AND state = 'failed'",
                     )
                     .bind(key)
                     .bind(request_hash)
+                    .bind(now)
                     .execute(&self.pool)
                     .await
                     .map_err(db_err)?;
@@ -132,27 +154,38 @@ impl Store {
                         return Ok(Begin::Owner);
                     }
                 }
-                KeyState::Pending if row.stale => {
-                    let taken = sqlx::query(
-                        "UPDATE idempotency_keys SET created_at = now()
-                          WHERE key = $1 AND request_hash = $2 AND state = 'pending'
-                            AND created_at < now() - make_interval(secs => $3)",
-                    )
-                    .bind(key)
-                    .bind(request_hash)
-                    .bind(stale_secs)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db_err)?;
-                    if taken.rows_affected() == 1 {
-                        tracing::warn!("took over a stale pending idempotency key");
-                        return Ok(Begin::Owner);
-                    }
-                }
+                KeyState::Pending if row.stale => return Ok(Begin::Stale),
                 KeyState::Pending => return Ok(Begin::Pending),
             }
         }
         Err(StoreError::Inconsistent("idempotency key kept changing under contention".into()))
+    }
+
+    /// Takes over a [`Begin::Stale`] key: `true` when this caller is now its owner (the
+    /// takeover time starts again at `now`), `false` when it is no longer stale (completed,
+    /// failed, or taken over by another caller first: ask [`Store::idempotency_begin`] again).
+    pub async fn idempotency_take_over(
+        &self,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let taken = sqlx::query(
+            "UPDATE idempotency_keys SET created_at = $4
+              WHERE key = $1 AND request_hash = $2 AND state = 'pending'
+                AND created_at < $4 - make_interval(secs => $3)",
+        )
+        .bind(key)
+        .bind(request_hash)
+        .bind(IDEMPOTENCY_PENDING_TAKEOVER_AFTER.as_secs_f64())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if taken.rows_affected() == 1 {
+            tracing::warn!("took over a stale pending idempotency key");
+        }
+        Ok(taken.rows_affected() == 1)
     }
 
     /// Stores the response of the owner: state `completed`, status and body.
@@ -162,6 +195,8 @@ impl Store {
         status: u16,
         body: &serde_json::Value,
     ) -> Result<(), StoreError> {
+        #[cfg(feature = "test-faults")]
+        self.faults.idempotency_complete()?;
         let done = sqlx::query(
             "UPDATE idempotency_keys
                 SET state = 'completed', response_status = $2, response_body = $3,

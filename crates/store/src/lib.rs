@@ -14,6 +14,8 @@ mod batch;
 mod columns;
 pub mod deliveries;
 pub mod errors;
+#[cfg(feature = "test-faults")]
+pub mod faults;
 pub mod idempotency;
 pub mod inbox;
 pub mod pool;

@@ -35,6 +35,9 @@ pub struct Store {
     pub(crate) options: PgConnectOptions,
     /// `host:port/database`, for messages.
     pub(crate) target: String,
+    /// Failures the end-to-end tests inject (feature `test-faults`; not in release builds).
+    #[cfg(feature = "test-faults")]
+    pub(crate) faults: Arc<crate::faults::Faults>,
 }
 
 /// A pool that connects on first use, waits at most [`ACQUIRE_TIMEOUT`] for a connection and
@@ -97,6 +100,8 @@ impl Store {
             records: Arc::default(),
             options,
             target,
+            #[cfg(feature = "test-faults")]
+            faults: Arc::default(),
         })
     }
 

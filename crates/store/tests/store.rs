@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use notify_store::{Begin, Claim, DeliveryKey, DeliveryState, NewInboxItem, Store, StoreError};
 use notify_types::Channel::{self, Email, InApp, Webhook};
 use serde_json::json;
@@ -409,9 +410,9 @@ async fn idempotency_lifecycle() {
         let h2 = "b".repeat(64);
         let body = json!({"id": Uuid::now_v7(), "status": "accepted"});
 
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Owner);
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Pending);
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Mismatch);
+        assert_eq!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Pending);
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Mismatch);
 
         // A waiter sees the completion.
         let waiter = {
@@ -423,17 +424,20 @@ async fn idempotency_lifecycle() {
         let waited = waiter.await.unwrap().unwrap();
         assert_eq!(waited, Some(Begin::Replay { status: 202, body: body.clone() }));
 
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Replay { status: 202, body: body.clone() });
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Mismatch);
+        assert_eq!(
+            s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(),
+            Begin::Replay { status: 202, body: body.clone() }
+        );
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Mismatch);
         // Abandon does not remove a completed key.
         s.idempotency_abandon(key).await.unwrap();
-        assert!(matches!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Replay { status: 202, .. }));
+        assert!(matches!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Replay { status: 202, .. }));
 
         // Owner fails → abandon → the retry owns it again.
         let key2 = "client-key-2";
-        assert_eq!(s.idempotency_begin(key2, &h1).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key2, &h1, Utc::now()).await.unwrap(), Begin::Owner);
         s.idempotency_abandon(key2).await.unwrap();
-        assert_eq!(s.idempotency_begin(key2, &h1).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key2, &h1, Utc::now()).await.unwrap(), Begin::Owner);
 
         // wait: times out on a pending key (bounded), None when abandoned / unknown.
         let t = Instant::now();
@@ -455,7 +459,7 @@ async fn idempotency_lifecycle() {
         assert_eq!(s.idempotency_purge(Duration::from_secs(3600)).await.unwrap(), 0);
         // Both keys: the completed one and the failed one (a failed key is kept with its id).
         assert_eq!(s.idempotency_purge(Duration::ZERO).await.unwrap(), 2);
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Owner);
     })
     .await;
 }
@@ -465,18 +469,49 @@ async fn an_idempotency_key_keeps_its_notification_id_through_failures() {
     with_store(4, |s| async move {
         let (key, hash) = ("client-key-9", "c".repeat(64));
         let first = Uuid::now_v7();
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         assert_eq!(s.idempotency_notification(key, first).await.unwrap(), first);
         // The publish failed (503): the retry owns the key again and gets the first id back.
         s.idempotency_abandon(key).await.unwrap();
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         assert_eq!(s.idempotency_notification(key, Uuid::now_v7()).await.unwrap(), first);
         // Another request with the key is still another request.
         s.idempotency_abandon(key).await.unwrap();
-        assert_eq!(s.idempotency_begin(key, &"d".repeat(64)).await.unwrap(), Begin::Mismatch);
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &"d".repeat(64), Utc::now()).await.unwrap(), Begin::Mismatch);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         s.idempotency_complete(key, 202, &json!({"id": first})).await.unwrap();
-        assert!(matches!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Replay { status: 202, .. }));
+        assert!(matches!(
+            s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(),
+            Begin::Replay { status: 202, .. }
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pending_key_past_the_takeover_time_is_stale_by_the_callers_clock() {
+    with_store(4, |s| async move {
+        let (key, hash) = ("client-key-stale", "e".repeat(64));
+        let t0 = Utc::now();
+        let later = |secs| t0 + chrono::Duration::seconds(secs);
+        assert_eq!(s.idempotency_begin(key, &hash, t0).await.unwrap(), Begin::Owner);
+        let id = Uuid::now_v7();
+        s.idempotency_notification(key, id).await.unwrap();
+        // Within the minute: still the owner's. Past it by the caller's clock: stale, but not
+        // taken over by asking; a takeover before the time is refused.
+        assert_eq!(s.idempotency_begin(key, &hash, later(59)).await.unwrap(), Begin::Pending);
+        assert!(!s.idempotency_take_over(key, &hash, later(59)).await.unwrap());
+        assert_eq!(s.idempotency_begin(key, &hash, later(61)).await.unwrap(), Begin::Stale);
+        assert_eq!(s.idempotency_begin(key, &"f".repeat(64), later(61)).await.unwrap(), Begin::Mismatch);
+        // One caller takes it over; the minute starts again for the others.
+        assert!(s.idempotency_take_over(key, &hash, later(61)).await.unwrap());
+        assert!(!s.idempotency_take_over(key, &hash, later(62)).await.unwrap());
+        assert_eq!(s.idempotency_begin(key, &hash, later(62)).await.unwrap(), Begin::Pending);
+        // The new owner publishes under the first id; a completed key is never stale.
+        assert_eq!(s.idempotency_notification(key, Uuid::now_v7()).await.unwrap(), id);
+        s.idempotency_complete(key, 202, &json!({"id": id})).await.unwrap();
+        assert!(matches!(s.idempotency_begin(key, &hash, later(3600)).await.unwrap(), Begin::Replay { .. }));
+        assert!(!s.idempotency_take_over(key, &hash, later(3600)).await.unwrap());
     })
     .await;
 }
@@ -489,7 +524,7 @@ async fn idempotency_concurrent_begins_have_one_owner() {
         for _ in 0..10 {
             let s = s.clone();
             let hash = hash.clone();
-            set.spawn(async move { s.idempotency_begin("same-key", &hash).await });
+            set.spawn(async move { s.idempotency_begin("same-key", &hash, Utc::now()).await });
         }
         let results: Vec<Begin> = set.join_all().await.into_iter().map(|r| r.unwrap()).collect();
         let owners = results.iter().filter(|b| **b == Begin::Owner).count();
@@ -578,13 +613,13 @@ async fn schemas_are_isolated_and_dropped() {
     a.mark_delivered(key(id, Email)).await.unwrap();
     let item = inbox_item("henry", 0);
     a.insert_inbox_item(&item).await.unwrap();
-    assert_eq!(a.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
+    assert_eq!(a.idempotency_begin("k", "h", Utc::now()).await.unwrap(), Begin::Owner);
 
     assert!(b.delivery_status(id).await.unwrap().is_empty());
     assert_eq!(b.claim(key(id, Email), None, 1).await.unwrap(), Claim::Proceed);
     assert_eq!(b.unread_count("henry").await.unwrap(), 0);
     assert!(b.insert_inbox_item(&item).await.unwrap());
-    assert_eq!(b.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
+    assert_eq!(b.idempotency_begin("k", "h", Utc::now()).await.unwrap(), Begin::Owner);
     assert_eq!(a.claim(key(id, Email), None, 2).await.unwrap(), Claim::AlreadyDelivered);
 
     a.drop_schema().await.unwrap();
