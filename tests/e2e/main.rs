@@ -17,6 +17,7 @@ mod email_pipeline;
 mod events;
 mod first_hour;
 mod hardening;
+mod idempotency_retry;
 mod poison;
 mod postgres_outage;
 mod secrets;

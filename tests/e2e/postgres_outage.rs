@@ -109,7 +109,7 @@ async fn postgres_unreachable_for_a_while_retries_without_losing_or_dead_letteri
     let mut statuses: HashMap<String, usize> = HashMap::new();
     for id in &ids {
         let rows = store.delivery_status(id.parse().unwrap()).await.unwrap();
-        let status = rows.first().map(|r| r.status.clone()).unwrap_or_else(|| "none".into());
+        let status = rows.first().map(|r| r.status.to_string()).unwrap_or_else(|| "none".into());
         *statuses.entry(status).or_default() += 1;
     }
 

@@ -39,15 +39,14 @@ pub enum ApiError {
 
 impl From<notify_store::StoreError> for ApiError {
     fn from(e: notify_store::StoreError) -> Self {
-        match e {
-            notify_store::StoreError::Unavailable(detail) => {
-                tracing::warn!(%detail, "database unavailable");
-                ApiError::Unavailable {
-                    message: "the database is unavailable; retry later".into(),
-                    retry_after: Duration::from_secs(5),
-                }
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::Unavailable {
+                message: "the database is unavailable; retry later".into(),
+                retry_after: Duration::from_secs(5),
             }
-            other => ApiError::Unexpected(anyhow::anyhow!(other)),
+        } else {
+            ApiError::Unexpected(anyhow::Error::new(e))
         }
     }
 }

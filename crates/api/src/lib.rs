@@ -2,6 +2,7 @@
 //! A 202 means the broker confirmed the message; anything less is an error the caller sees.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod dead_letters;
 pub mod error;
@@ -10,5 +11,6 @@ pub mod publisher;
 pub mod routes;
 pub mod startup;
 
+pub use clock::Clock;
 pub use config::ApiConfig;
 pub use startup::Application;

@@ -1,4 +1,5 @@
 use crate::{
+    clock::Clock,
     config::ApiConfig,
     publisher::Publisher,
     routes::{self, AppState},
@@ -15,12 +16,18 @@ pub struct Application {
     port: u16,
     server: Server,
     publisher: Publisher,
+    store: Store,
 }
 
 impl Application {
     /// Binds the listener, connects to RabbitMQ and declares the topology. Fails on a bad
     /// address or a topology mismatch; an unreachable broker only makes the API unready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Application> {
+        Self::build_with_clock(config, Clock::system()).await
+    }
+
+    /// [`Application::build`] with the clock the idempotency rules read (tests move it).
+    pub async fn build_with_clock(config: ApiConfig, clock: Clock) -> anyhow::Result<Application> {
         let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port)
         })?;
@@ -54,8 +61,10 @@ impl Application {
             publisher: publisher.clone(),
             body_limits: crate::extract::BodyLimits { bytes: config.max_body_bytes, timeout: config.request_timeout },
             routes,
-            store: Some(store),
+            store: Some(store.clone()),
             allow_private_webhooks: config.allow_private_webhooks,
+            clock,
+            answers: Arc::default(),
         });
         if config.api_keys.is_empty() {
             tracing::warn!("API_KEYS is empty: the API accepts requests without authentication");
@@ -83,7 +92,12 @@ impl Application {
             server = server.disable_signals();
         }
         tracing::info!(port, "notify-api listening");
-        Ok(Application { port, server: server.run(), publisher })
+        Ok(Application { port, server: server.run(), publisher, store })
+    }
+
+    /// The API's database handle (tests inject failures into it).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn port(&self) -> u16 {

@@ -12,8 +12,12 @@
 //! in key order (two batches lock shared rows in the same order, so they cannot deadlock), and
 //! a failed statement fails every caller in it with the same error.
 
-use crate::{db_err, Claim, NewInboxItem, StoreError, IN_APP_CHANNEL};
+use crate::columns::ChannelColumn;
+use crate::deliveries::{Claim, DeliveryKey};
+use crate::errors::{db_err, StoreError};
+use crate::inbox::NewInboxItem;
 use chrono::{DateTime, Utc};
+use notify_types::Channel;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,22 +33,22 @@ pub const PARALLEL: usize = 2;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// A claim waiting in a batch: id, channel, event, attempt, copy and where its answer goes.
-type ClaimRow = (Uuid, String, Option<String>, i32, Option<String>, Reply<Claim>);
+/// A claim waiting in a batch: key, event, attempt, copy and where its answer goes.
+type ClaimRow = (DeliveryKey, Option<String>, i32, Option<String>, Reply<Claim>);
 
 pub(crate) enum Op {
-    Claim { id: Uuid, channel: String, event: Option<String>, attempt: i32, copy: Option<String>, reply: Reply<Claim> },
-    Delivered { id: Uuid, channel: String, reply: Reply<()> },
+    Claim { key: DeliveryKey, event: Option<String>, attempt: i32, copy: Option<String>, reply: Reply<Claim> },
+    Delivered { key: DeliveryKey, reply: Reply<()> },
     Inbox { item: NewInboxItem, reply: Reply<bool> },
 }
 
 impl Op {
     /// Two ops with the same key must not share a statement.
-    fn key(&self) -> (u8, Uuid, &str) {
+    fn key(&self) -> (u8, DeliveryKey) {
         match self {
-            Op::Claim { id, channel, .. } => (0, *id, channel),
-            Op::Delivered { id, channel, .. } => (1, *id, channel),
-            Op::Inbox { item, .. } => (2, item.notification_id, IN_APP_CHANNEL),
+            Op::Claim { key, .. } => (0, *key),
+            Op::Delivered { key, .. } => (1, *key),
+            Op::Inbox { item, .. } => (2, DeliveryKey::new(item.notification_id, Channel::InApp)),
         }
     }
 }
@@ -62,7 +66,7 @@ pub(crate) struct Stats {
     writes: AtomicU64,
 }
 
-/// A snapshot of [`crate::Store::group_commit_stats`].
+/// A snapshot of [`crate::pool::Store::group_commit_stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GroupCommitStats {
     /// Statements (one commit each) that wrote claims, delivered records or inbox items.
@@ -102,7 +106,7 @@ impl Batcher {
 }
 
 fn gone() -> StoreError {
-    StoreError::Unavailable("the store's writer task has stopped".into())
+    StoreError::WriterStopped
 }
 
 async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<Stats>) {
@@ -127,8 +131,7 @@ async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>, stats: Arc<Stats
         let mut seen = HashSet::with_capacity(ops.len());
         let mut batch = Batch::default();
         for op in ops {
-            let key = op.key();
-            if seen.insert((key.0, key.1, key.2.to_owned())) {
+            if seen.insert(op.key()) {
                 batch.push(op);
             } else {
                 carried.push(op);
@@ -157,25 +160,23 @@ impl Stats {
 #[derive(Default)]
 struct Batch {
     claims: Vec<ClaimRow>,
-    delivered: Vec<(Uuid, String, Reply<()>)>,
+    delivered: Vec<(DeliveryKey, Reply<()>)>,
     inbox: Vec<(NewInboxItem, Reply<bool>)>,
 }
 
 impl Batch {
     fn push(&mut self, op: Op) {
         match op {
-            Op::Claim { id, channel, event, attempt, copy, reply } => {
-                self.claims.push((id, channel, event, attempt, copy, reply))
-            }
-            Op::Delivered { id, channel, reply } => self.delivered.push((id, channel, reply)),
+            Op::Claim { key, event, attempt, copy, reply } => self.claims.push((key, event, attempt, copy, reply)),
+            Op::Delivered { key, reply } => self.delivered.push((key, reply)),
             Op::Inbox { item, reply } => self.inbox.push((item, reply)),
         }
     }
 
     async fn execute(mut self, pool: &PgPool) {
         // Key order: see the module's note on deadlocks.
-        self.claims.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        self.delivered.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        self.claims.sort_by_key(|row| key_order(&row.0));
+        self.delivered.sort_by_key(|row| key_order(&row.0));
         self.inbox.sort_by_key(|(item, _)| item.notification_id);
         tracing::trace!(
             claims = self.claims.len(),
@@ -203,21 +204,26 @@ fn answer<T, K: Eq + std::hash::Hash>(replies: Vec<(K, Reply<T>)>, result: Resul
     }
 }
 
-/// The send guard for many rows, as [`crate::Store::claim`] documents it for one.
+/// The order rows are written in: the table's primary key order.
+fn key_order(key: &DeliveryKey) -> (Uuid, &'static str) {
+    (key.notification_id, key.channel.as_str())
+}
+
+/// The send guard for many rows, as [`crate::pool::Store::claim`] documents it for one.
 async fn claim(pool: &PgPool, rows: Vec<ClaimRow>) {
     if rows.is_empty() {
         return;
     }
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-    let channels: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
-    let events: Vec<Option<String>> = rows.iter().map(|r| r.2.clone()).collect();
-    let attempts: Vec<i32> = rows.iter().map(|r| r.3).collect();
-    let copies: Vec<Option<String>> = rows.iter().map(|r| r.4.clone()).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0.notification_id).collect();
+    let channels: Vec<&str> = rows.iter().map(|r| r.0.channel.as_str()).collect();
+    let events: Vec<Option<&str>> = rows.iter().map(|r| r.1.as_deref()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.2).collect();
+    let copies: Vec<Option<&str>> = rows.iter().map(|r| r.3.as_deref()).collect();
     // In DO UPDATE, `deliveries.*` is the row as it was (its latest version: the WHERE is
     // checked after waiting for a concurrent claim of the same row): a claim that finds it
     // still `delivering` by the same copy (or an unnamed one) counts a crash. A `delivered`
     // row, or one `delivering` by another copy, is left alone and returns nothing.
-    let result = sqlx::query_as::<_, (Uuid, String, i32)>(
+    let result = sqlx::query_as::<_, (Uuid, ChannelColumn, i32)>(
         "INSERT INTO deliveries (notification_id, channel, status, attempts, event, claimed_by)
          SELECT id, channel, 'delivering', GREATEST(attempt, 0), event, copy
            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
@@ -243,23 +249,24 @@ async fn claim(pool: &PgPool, rows: Vec<ClaimRow>) {
     .await
     .map_err(db_err)
     .map(|found| {
-        let crashes: HashMap<(Uuid, String), i32> = found.into_iter().map(|(id, ch, n)| ((id, ch), n)).collect();
-        move |key: &(Uuid, String)| match crashes.get(key) {
+        let crashes: HashMap<DeliveryKey, i32> =
+            found.into_iter().map(|(id, ch, n)| (DeliveryKey::new(id, ch.0), n)).collect();
+        move |key: &DeliveryKey| match crashes.get(key) {
             Some(0) => Claim::Proceed,
             Some(&crashes) => Claim::Unfinished { crashes },
             None => Claim::AlreadyDelivered,
         }
     });
-    answer(rows.into_iter().map(|(id, ch, _, _, _, reply)| ((id, ch), reply)).collect(), result);
+    answer(rows.into_iter().map(|(key, _, _, _, reply)| (key, reply)).collect(), result);
 }
 
-/// [`crate::Store::mark_delivered`] for many rows.
-async fn delivered(pool: &PgPool, rows: Vec<(Uuid, String, Reply<()>)>) {
+/// [`crate::pool::Store::mark_delivered`] for many rows.
+async fn delivered(pool: &PgPool, rows: Vec<(DeliveryKey, Reply<()>)>) {
     if rows.is_empty() {
         return;
     }
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-    let channels: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0.notification_id).collect();
+    let channels: Vec<&str> = rows.iter().map(|r| r.0.channel.as_str()).collect();
     let result = sqlx::query(
         "INSERT INTO deliveries (notification_id, channel, status, attempts, delivered_at)
          SELECT id, channel, 'delivered', 1, now() FROM unnest($1::uuid[], $2::text[]) AS t(id, channel)
@@ -276,10 +283,10 @@ async fn delivered(pool: &PgPool, rows: Vec<(Uuid, String, Reply<()>)>) {
     .await
     .map_err(db_err)
     .map(|_| |_: &()| ());
-    answer(rows.into_iter().map(|(_, _, reply)| ((), reply)).collect(), result);
+    answer(rows.into_iter().map(|(_, reply)| ((), reply)).collect(), result);
 }
 
-/// [`crate::Store::insert_inbox_item`] for many items: the items and their delivered records in
+/// [`crate::pool::Store::insert_inbox_item`] for many items: the items and their delivered records in
 /// one statement, so a redelivery can never add a second item.
 async fn inbox(pool: &PgPool, rows: Vec<(NewInboxItem, Reply<bool>)>) {
     if rows.is_empty() {
@@ -337,7 +344,7 @@ async fn inbox(pool: &PgPool, rows: Vec<(NewInboxItem, Reply<bool>)>) {
     .bind(&data)
     .bind(&events)
     .bind(&created)
-    .bind(IN_APP_CHANNEL)
+    .bind(ChannelColumn(Channel::InApp))
     .fetch_all(pool)
     .await
     .map_err(db_err)

@@ -5,7 +5,11 @@
 //! replayer died, the row stays listed and a later replay may take it over after
 //! [`REPLAY_TAKEOVER_AFTER`]). `replayed` and `discarded` rows are history, purged by retention.
 
-use crate::{db_err, decode_cursor, encode_cursor, Store, StoreError};
+use crate::{
+    errors::{db_err, StoreError},
+    inbox::{decode_cursor, encode_cursor},
+    pool::Store,
+};
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, QueryBuilder, Row};
 use std::time::Duration;
@@ -210,7 +214,7 @@ impl Store {
     }
 
     /// A page of listed dead letters matching `filter`, newest first (`dead_at DESC, id DESC`).
-    /// `cursor` is a previous page's `next_cursor` (check it with [`crate::is_valid_cursor`]);
+    /// `cursor` is a previous page's `next_cursor` (check it with [`crate::inbox::is_valid_cursor`]);
     /// `limit` is clamped to 1..=500.
     pub async fn list_dead_letters(
         &self,
@@ -220,7 +224,7 @@ impl Store {
     ) -> Result<DeadLetterPage, StoreError> {
         let limit = limit.clamp(1, 500);
         let after = match cursor {
-            Some(c) => Some(decode_cursor(c).ok_or_else(|| StoreError::Other(format!("invalid cursor {c:?}")))?),
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| StoreError::BadCursor(c.to_string()))?),
             None => None,
         };
         let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM dead_letters"));

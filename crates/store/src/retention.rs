@@ -1,7 +1,10 @@
 //! Retention: old delivery records, inbox items, idempotency keys and finished dead letters are
 //! deleted in small batches, one worker at a time, so the tables do not grow without bound.
 
-use crate::{db_err, Store, StoreError};
+use crate::{
+    errors::{db_err, StoreError},
+    pool::Store,
+};
 use std::time::Duration;
 
 /// How old each kind of row may get, and how many rows one statement deletes.

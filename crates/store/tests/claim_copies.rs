@@ -4,11 +4,16 @@
 //! redelivery after a crash) still must. Against the real Postgres (`DATABASE_URL`), each test
 //! in a schema of its own, dropped at the end (also when the body panics).
 
-use notify_store::{Claim, Store};
+use notify_store::{Claim, DeliveryKey, Store};
+use notify_types::Channel::{self, Email, Webhook};
 use std::future::Future;
 use uuid::Uuid;
 
 use notify_testkit::db::database_url;
+
+fn key(id: Uuid, channel: Channel) -> DeliveryKey {
+    DeliveryKey::new(id, channel)
+}
 
 /// A migrated store in a fresh schema; `body` gets two handles on it (two workers: each has
 /// its own group-commit batcher), then the schema is dropped and any panic re-raised.
@@ -36,24 +41,24 @@ async fn another_copys_unfinished_claim_is_left_alone_and_the_same_copys_counts_
     with_two_workers(|s, _| async move {
         let id = Uuid::now_v7();
         let (first, retry) = (Some("req-1 2026-12-03T10:00:00.000000001Z"), Some("req-2 2026-12-03T10:00:01Z"));
-        assert_eq!(s.claim_copy(id, "webhook", None, 1, first).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim_copy(key(id, Webhook), None, 1, first).await.unwrap(), Claim::Proceed);
         // The retry's copy while the first is being delivered: do not send.
-        assert_eq!(s.claim_copy(id, "webhook", None, 1, retry).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim_copy(key(id, Webhook), None, 1, retry).await.unwrap(), Claim::AlreadyDelivered);
         let row = &s.delivery_status(id).await.unwrap()[0];
         assert_eq!((row.status.as_str(), row.attempts), ("delivering", 1), "left as the first copy made it");
         // The first copy again (redelivered after its worker died): a crash, send.
-        assert_eq!(s.claim_copy(id, "webhook", None, 1, first).await.unwrap(), Claim::Unfinished { crashes: 1 });
+        assert_eq!(s.claim_copy(key(id, Webhook), None, 1, first).await.unwrap(), Claim::Unfinished { crashes: 1 });
         // A claim that names no copy behaves as before the copies were told apart.
-        assert_eq!(s.claim(id, "webhook", None, 1).await.unwrap(), Claim::Unfinished { crashes: 2 });
-        assert_eq!(s.claim_copy(id, "webhook", None, 1, retry).await.unwrap(), Claim::Unfinished { crashes: 3 });
-        s.mark_delivered(id, "webhook").await.unwrap();
-        assert_eq!(s.claim_copy(id, "webhook", None, 1, first).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim(key(id, Webhook), None, 1).await.unwrap(), Claim::Unfinished { crashes: 2 });
+        assert_eq!(s.claim_copy(key(id, Webhook), None, 1, retry).await.unwrap(), Claim::Unfinished { crashes: 3 });
+        s.mark_delivered(key(id, Webhook)).await.unwrap();
+        assert_eq!(s.claim_copy(key(id, Webhook), None, 1, first).await.unwrap(), Claim::AlreadyDelivered);
 
         // A copy that finds another one's attempt settled (here: to be retried) may go ahead.
         let id = Uuid::now_v7();
-        assert_eq!(s.claim_copy(id, "email", None, 1, first).await.unwrap(), Claim::Proceed);
-        s.mark_retrying(id, "email", None, "451 try later").await.unwrap();
-        assert_eq!(s.claim_copy(id, "email", None, 1, retry).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim_copy(key(id, Email), None, 1, first).await.unwrap(), Claim::Proceed);
+        s.mark_retrying(key(id, Email), None, "451 try later").await.unwrap();
+        assert_eq!(s.claim_copy(key(id, Email), None, 1, retry).await.unwrap(), Claim::Proceed);
     })
     .await;
 }
@@ -73,7 +78,7 @@ async fn two_copies_claimed_at_once_by_two_workers_send_once() {
                     .iter()
                     .map(|&id| {
                         let (s, copy) = (s.clone(), copy.clone());
-                        tokio::spawn(async move { s.claim_copy(id, "webhook", None, 1, Some(&copy)).await })
+                        tokio::spawn(async move { s.claim_copy(key(id, Webhook), None, 1, Some(&copy)).await })
                     })
                     .collect();
                 async move {

@@ -5,12 +5,18 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use notify_store::{Begin, Claim, NewInboxItem, Store, StoreError};
+use chrono::Utc;
+use notify_store::{Begin, Claim, DeliveryKey, DeliveryState, NewInboxItem, Store, StoreError};
+use notify_types::Channel::{self, Email, InApp, Webhook};
 use serde_json::json;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use notify_testkit::db::database_url;
+
+fn key(id: Uuid, channel: Channel) -> DeliveryKey {
+    DeliveryKey::new(id, channel)
+}
 
 fn schema_name() -> String {
     // The last 8 hex digits of a v7 UUID are random.
@@ -69,80 +75,80 @@ async fn claim_guard_and_states() {
         assert!(s.delivery_status(id).await.unwrap().is_empty());
 
         // First attempt proceeds.
-        assert_eq!(s.claim(id, "email", Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Email), Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].channel, "email");
-        assert_eq!(st[0].status, "delivering");
+        assert_eq!(st[0].channel, Channel::Email);
+        assert_eq!(st[0].status, DeliveryState::Delivering);
         assert_eq!(st[0].attempts, 1);
         assert_eq!(st[0].event.as_deref(), Some("user.signup"));
         assert!(st[0].delivered_at.is_none());
 
         // Fails → retrying with the error.
-        s.mark_retrying(id, "email", None, "smtp 451").await.unwrap();
+        s.mark_retrying(key(id, Email), None, "smtp 451").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "retrying");
+        assert_eq!(st[0].status, DeliveryState::Retrying);
         assert_eq!(st[0].last_error.as_deref(), Some("smtp 451"));
 
         // Second attempt: attempts goes up; event kept when not given.
-        assert_eq!(s.claim(id, "email", None, 2).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Email), None, 2).await.unwrap(), Claim::Proceed);
         // A stale redelivery with a lower attempt number does not lower the count; it finds the
         // previous claim unfinished (still `delivering`) and counts that as a crash.
-        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Unfinished { crashes: 1 });
+        assert_eq!(s.claim(key(id, Email), None, 1).await.unwrap(), Claim::Unfinished { crashes: 1 });
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivering");
+        assert_eq!(st[0].status, DeliveryState::Delivering);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].event.as_deref(), Some("user.signup"));
 
         // Delivered: last_error cleared (issue 14: a delivered status shows no error),
         // delivered_at set.
-        s.mark_delivered(id, "email").await.unwrap();
+        s.mark_delivered(key(id, Email)).await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].last_error, None);
         let delivered_at = st[0].delivered_at.expect("delivered_at");
         assert!(st[0].updated_at >= st[0].created_at);
 
         // The guard: never again.
-        assert_eq!(s.claim(id, "email", None, 3).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim(key(id, Email), None, 3).await.unwrap(), Claim::AlreadyDelivered);
         // A late failure report can't downgrade a delivered row.
-        s.mark_retrying(id, "email", None, "late").await.unwrap();
-        s.mark_dead(id, "email", None, 9, "late", "rejected").await.unwrap();
-        s.mark_delivered(id, "email").await.unwrap();
+        s.mark_retrying(key(id, Email), None, "late").await.unwrap();
+        s.mark_dead(key(id, Email), None, 9, "late", "rejected").await.unwrap();
+        s.mark_delivered(key(id, Email)).await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 2);
         assert_eq!(st[0].last_error, None);
         assert_eq!(st[0].delivered_at, Some(delivered_at));
 
         // Another channel of the same notification is independent; dead after retries.
-        assert_eq!(s.claim(id, "webhook", Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
-        s.mark_retrying(id, "webhook", None, "HTTP 500").await.unwrap();
-        s.mark_dead(id, "webhook", None, 5, "HTTP 500", "delivery_limit").await.unwrap();
+        assert_eq!(s.claim(key(id, Webhook), Some("user.signup"), 1).await.unwrap(), Claim::Proceed);
+        s.mark_retrying(key(id, Webhook), None, "HTTP 500").await.unwrap();
+        s.mark_dead(key(id, Webhook), None, 5, "HTTP 500", "delivery_limit").await.unwrap();
         let st = s.delivery_status(id).await.unwrap();
         assert_eq!(
             st.iter().map(|d| d.channel.as_str()).collect::<Vec<_>>(),
             ["email", "webhook"],
             "ordered by channel"
         );
-        assert_eq!(st[1].status, "dead");
+        assert_eq!(st[1].status, DeliveryState::Dead);
         assert_eq!(st[1].attempts, 5);
         assert_eq!(st[1].last_error.as_deref(), Some("HTTP 500"));
         assert!(st[1].delivered_at.is_none());
 
         // A replayed dead letter can be claimed again.
-        assert_eq!(s.claim(id, "webhook", None, 1).await.unwrap(), Claim::Proceed);
+        assert_eq!(s.claim(key(id, Webhook), None, 1).await.unwrap(), Claim::Proceed);
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[1].status, "delivering");
+        assert_eq!(st[1].status, DeliveryState::Delivering);
         assert_eq!(st[1].attempts, 5);
 
         // Dead before any claim (bad payload): upsert.
         let id2 = Uuid::now_v7();
-        s.mark_dead(id2, "in_app", None, 1, "invalid payload", "rejected").await.unwrap();
+        s.mark_dead(key(id2, InApp), None, 1, "invalid payload", "rejected").await.unwrap();
         let st = s.delivery_status(id2).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].status, "dead");
+        assert_eq!(st[0].status, DeliveryState::Dead);
         assert_eq!(st[0].attempts, 1);
         assert_eq!(st[0].last_error.as_deref(), Some("invalid payload"));
 
@@ -158,13 +164,13 @@ async fn claim_guard_and_states() {
 async fn concurrent_claims_after_delivery_are_all_already_delivered() {
     with_store(10, |s| async move {
         let id = Uuid::now_v7();
-        assert_eq!(s.claim(id, "email", None, 1).await.unwrap(), Claim::Proceed);
-        s.mark_delivered(id, "email").await.unwrap();
+        assert_eq!(s.claim(key(id, Email), None, 1).await.unwrap(), Claim::Proceed);
+        s.mark_delivered(key(id, Email)).await.unwrap();
 
         let mut set = JoinSet::new();
         for attempt in 0..10 {
             let s = s.clone();
-            set.spawn(async move { s.claim(id, "email", None, attempt + 2).await });
+            set.spawn(async move { s.claim(key(id, Email), None, attempt + 2).await });
         }
         let results: Vec<_> = set.join_all().await;
         assert_eq!(results.len(), 10);
@@ -172,7 +178,7 @@ async fn concurrent_claims_after_delivery_are_all_already_delivered() {
             assert_eq!(r.unwrap(), Claim::AlreadyDelivered);
         }
         let st = s.delivery_status(id).await.unwrap();
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert_eq!(st[0].attempts, 1);
     })
     .await;
@@ -187,7 +193,7 @@ async fn concurrent_first_claims_all_succeed_without_errors() {
         let mut set = JoinSet::new();
         for attempt in 1..=10 {
             let s = s.clone();
-            set.spawn(async move { s.claim(id, "webhook", Some("e"), attempt).await });
+            set.spawn(async move { s.claim(key(id, Webhook), Some("e"), attempt).await });
         }
         // The first one proceeds; each later one finds the row mid-delivery and counts it.
         let mut crashes: Vec<i32> = set
@@ -239,10 +245,10 @@ async fn inbox_insert_is_idempotent_and_marks_in_app_delivered() {
         // The in_app delivery is delivered, so the guard stops a redelivery.
         let st = s.delivery_status(item.notification_id).await.unwrap();
         assert_eq!(st.len(), 1);
-        assert_eq!(st[0].channel, "in_app");
-        assert_eq!(st[0].status, "delivered");
+        assert_eq!(st[0].channel, Channel::InApp);
+        assert_eq!(st[0].status, DeliveryState::Delivered);
         assert!(st[0].delivered_at.is_some());
-        assert_eq!(s.claim(item.notification_id, "in_app", None, 2).await.unwrap(), Claim::AlreadyDelivered);
+        assert_eq!(s.claim(key(item.notification_id, InApp), None, 2).await.unwrap(), Claim::AlreadyDelivered);
 
         // Same notification for another user is another item.
         let mut bob = item.clone();
@@ -320,7 +326,7 @@ async fn inbox_pagination_newest_first() {
 
         // A bad cursor is an error (the API validates first with is_valid_cursor).
         assert!(!notify_store::is_valid_cursor("garbage"));
-        assert!(matches!(s.list_inbox("dave", false, Some("garbage"), 10).await, Err(StoreError::Other(_))));
+        assert!(matches!(s.list_inbox("dave", false, Some("garbage"), 10).await, Err(StoreError::BadCursor(_))));
         // Unknown user: empty.
         let page = s.list_inbox("nobody", false, None, 10).await.unwrap();
         assert!(page.items.is_empty());
@@ -400,9 +406,9 @@ async fn idempotency_lifecycle() {
         let h2 = "b".repeat(64);
         let body = json!({"id": Uuid::now_v7(), "status": "accepted"});
 
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Owner);
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Pending);
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Mismatch);
+        assert_eq!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Pending);
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Mismatch);
 
         // A waiter sees the completion.
         let waiter = {
@@ -414,17 +420,20 @@ async fn idempotency_lifecycle() {
         let waited = waiter.await.unwrap().unwrap();
         assert_eq!(waited, Some(Begin::Replay { status: 202, body: body.clone() }));
 
-        assert_eq!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Replay { status: 202, body: body.clone() });
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Mismatch);
+        assert_eq!(
+            s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(),
+            Begin::Replay { status: 202, body: body.clone() }
+        );
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Mismatch);
         // Abandon does not remove a completed key.
         s.idempotency_abandon(key).await.unwrap();
-        assert!(matches!(s.idempotency_begin(key, &h1).await.unwrap(), Begin::Replay { status: 202, .. }));
+        assert!(matches!(s.idempotency_begin(key, &h1, Utc::now()).await.unwrap(), Begin::Replay { status: 202, .. }));
 
         // Owner fails → abandon → the retry owns it again.
         let key2 = "client-key-2";
-        assert_eq!(s.idempotency_begin(key2, &h1).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key2, &h1, Utc::now()).await.unwrap(), Begin::Owner);
         s.idempotency_abandon(key2).await.unwrap();
-        assert_eq!(s.idempotency_begin(key2, &h1).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key2, &h1, Utc::now()).await.unwrap(), Begin::Owner);
 
         // wait: times out on a pending key (bounded), None when abandoned / unknown.
         let t = Instant::now();
@@ -446,7 +455,7 @@ async fn idempotency_lifecycle() {
         assert_eq!(s.idempotency_purge(Duration::from_secs(3600)).await.unwrap(), 0);
         // Both keys: the completed one and the failed one (a failed key is kept with its id).
         assert_eq!(s.idempotency_purge(Duration::ZERO).await.unwrap(), 2);
-        assert_eq!(s.idempotency_begin(key, &h2).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &h2, Utc::now()).await.unwrap(), Begin::Owner);
     })
     .await;
 }
@@ -456,18 +465,49 @@ async fn an_idempotency_key_keeps_its_notification_id_through_failures() {
     with_store(4, |s| async move {
         let (key, hash) = ("client-key-9", "c".repeat(64));
         let first = Uuid::now_v7();
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         assert_eq!(s.idempotency_notification(key, first).await.unwrap(), first);
         // The publish failed (503): the retry owns the key again and gets the first id back.
         s.idempotency_abandon(key).await.unwrap();
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         assert_eq!(s.idempotency_notification(key, Uuid::now_v7()).await.unwrap(), first);
         // Another request with the key is still another request.
         s.idempotency_abandon(key).await.unwrap();
-        assert_eq!(s.idempotency_begin(key, &"d".repeat(64)).await.unwrap(), Begin::Mismatch);
-        assert_eq!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Owner);
+        assert_eq!(s.idempotency_begin(key, &"d".repeat(64), Utc::now()).await.unwrap(), Begin::Mismatch);
+        assert_eq!(s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(), Begin::Owner);
         s.idempotency_complete(key, 202, &json!({"id": first})).await.unwrap();
-        assert!(matches!(s.idempotency_begin(key, &hash).await.unwrap(), Begin::Replay { status: 202, .. }));
+        assert!(matches!(
+            s.idempotency_begin(key, &hash, Utc::now()).await.unwrap(),
+            Begin::Replay { status: 202, .. }
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pending_key_past_the_takeover_time_is_stale_by_the_callers_clock() {
+    with_store(4, |s| async move {
+        let (key, hash) = ("client-key-stale", "e".repeat(64));
+        let t0 = Utc::now();
+        let later = |secs| t0 + chrono::Duration::seconds(secs);
+        assert_eq!(s.idempotency_begin(key, &hash, t0).await.unwrap(), Begin::Owner);
+        let id = Uuid::now_v7();
+        s.idempotency_notification(key, id).await.unwrap();
+        // Within the minute: still the owner's. Past it by the caller's clock: stale, but not
+        // taken over by asking; a takeover before the time is refused.
+        assert_eq!(s.idempotency_begin(key, &hash, later(59)).await.unwrap(), Begin::Pending);
+        assert!(!s.idempotency_take_over(key, &hash, later(59)).await.unwrap());
+        assert_eq!(s.idempotency_begin(key, &hash, later(61)).await.unwrap(), Begin::Stale);
+        assert_eq!(s.idempotency_begin(key, &"f".repeat(64), later(61)).await.unwrap(), Begin::Mismatch);
+        // One caller takes it over; the minute starts again for the others.
+        assert!(s.idempotency_take_over(key, &hash, later(61)).await.unwrap());
+        assert!(!s.idempotency_take_over(key, &hash, later(62)).await.unwrap());
+        assert_eq!(s.idempotency_begin(key, &hash, later(62)).await.unwrap(), Begin::Pending);
+        // The new owner publishes under the first id; a completed key is never stale.
+        assert_eq!(s.idempotency_notification(key, Uuid::now_v7()).await.unwrap(), id);
+        s.idempotency_complete(key, 202, &json!({"id": id})).await.unwrap();
+        assert!(matches!(s.idempotency_begin(key, &hash, later(3600)).await.unwrap(), Begin::Replay { .. }));
+        assert!(!s.idempotency_take_over(key, &hash, later(3600)).await.unwrap());
     })
     .await;
 }
@@ -480,7 +520,7 @@ async fn idempotency_concurrent_begins_have_one_owner() {
         for _ in 0..10 {
             let s = s.clone();
             let hash = hash.clone();
-            set.spawn(async move { s.idempotency_begin("same-key", &hash).await });
+            set.spawn(async move { s.idempotency_begin("same-key", &hash, Utc::now()).await });
         }
         let results: Vec<Begin> = set.join_all().await.into_iter().map(|r| r.unwrap()).collect();
         let owners = results.iter().filter(|b| **b == Begin::Owner).count();
@@ -500,9 +540,9 @@ async fn unreachable_database_is_unavailable_fast() {
     let store = Store::connect_lazy("postgres://postgres@127.0.0.1:1/test", "t_unreachable", 2)
         .expect("lazy connect does not touch the network");
     let t = Instant::now();
-    let err = store.claim(Uuid::now_v7(), "email", None, 1).await.unwrap_err();
+    let err = store.claim(key(Uuid::now_v7(), Email), None, 1).await.unwrap_err();
     let took = t.elapsed();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(err.is_unavailable());
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(err.to_string().starts_with("database unavailable: "), "{err}");
@@ -511,8 +551,8 @@ async fn unreachable_database_is_unavailable_fast() {
 
     let t = Instant::now();
     let (ping, migrate) = tokio::join!(store.ping(), store.migrate());
-    assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
-    assert!(matches!(migrate, Err(StoreError::Unavailable(_))), "{migrate:?}");
+    assert!(matches!(ping, Err(StoreError::Unavailable { .. })), "{ping:?}");
+    assert!(matches!(migrate, Err(StoreError::Unavailable { .. })), "{migrate:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
@@ -575,18 +615,18 @@ async fn schemas_are_isolated_and_dropped() {
     assert_ne!(a.schema(), b.schema());
 
     let id = Uuid::now_v7();
-    a.claim(id, "email", None, 1).await.unwrap();
-    a.mark_delivered(id, "email").await.unwrap();
+    a.claim(key(id, Email), None, 1).await.unwrap();
+    a.mark_delivered(key(id, Email)).await.unwrap();
     let item = inbox_item("henry", 0);
     a.insert_inbox_item(&item).await.unwrap();
-    assert_eq!(a.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
+    assert_eq!(a.idempotency_begin("k", "h", Utc::now()).await.unwrap(), Begin::Owner);
 
     assert!(b.delivery_status(id).await.unwrap().is_empty());
-    assert_eq!(b.claim(id, "email", None, 1).await.unwrap(), Claim::Proceed);
+    assert_eq!(b.claim(key(id, Email), None, 1).await.unwrap(), Claim::Proceed);
     assert_eq!(b.unread_count("henry").await.unwrap(), 0);
     assert!(b.insert_inbox_item(&item).await.unwrap());
-    assert_eq!(b.idempotency_begin("k", "h").await.unwrap(), Begin::Owner);
-    assert_eq!(a.claim(id, "email", None, 2).await.unwrap(), Claim::AlreadyDelivered);
+    assert_eq!(b.idempotency_begin("k", "h", Utc::now()).await.unwrap(), Begin::Owner);
+    assert_eq!(a.claim(key(id, Email), None, 2).await.unwrap(), Claim::AlreadyDelivered);
 
     a.drop_schema().await.unwrap();
     assert!(!schema_exists(&b, a.schema()).await);
@@ -600,7 +640,7 @@ async fn schemas_are_isolated_and_dropped() {
 #[tokio::test]
 async fn bad_schema_names_are_refused() {
     for bad in ["", "Robert'); DROP", "a b", "x\"y", "pg_catalog", &"a".repeat(64)] {
-        assert!(matches!(Store::connect_lazy(&database_url(), bad, 1), Err(StoreError::Other(_))), "{bad:?}");
+        assert!(matches!(Store::connect_lazy(&database_url(), bad, 1), Err(StoreError::Config(_))), "{bad:?}");
     }
     assert!(Store::connect_lazy(&database_url(), "public", 1).is_ok());
 }
@@ -611,14 +651,14 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
         // 300 deliveries at once, a third of them delivered before: their claims must say so.
         let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
         for id in ids.iter().step_by(3) {
-            assert_eq!(s.claim(*id, "webhook", None, 1).await.unwrap(), Claim::Proceed);
-            s.mark_delivered(*id, "webhook").await.unwrap();
+            assert_eq!(s.claim(key(*id, Webhook), None, 1).await.unwrap(), Claim::Proceed);
+            s.mark_delivered(key(*id, Webhook)).await.unwrap();
         }
         let before = s.group_commit_stats();
         let mut set = JoinSet::new();
         for (i, id) in ids.iter().enumerate() {
             let (s, id) = (s.clone(), *id);
-            set.spawn(async move { (i, s.claim(id, "webhook", Some("e"), 2).await.unwrap()) });
+            set.spawn(async move { (i, s.claim(key(id, Webhook), Some("e"), 2).await.unwrap()) });
         }
         let results = set.join_all().await;
         let after = s.group_commit_stats();
@@ -647,7 +687,7 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
                 };
                 let first = s.insert_inbox_item(&item).await.unwrap();
                 let again = s.insert_inbox_item(&item).await.unwrap();
-                s.mark_delivered(id, "webhook").await.unwrap();
+                s.mark_delivered(key(id, Webhook)).await.unwrap();
                 (first, again)
             });
         }
@@ -661,7 +701,7 @@ async fn concurrent_writes_share_statements_and_each_gets_its_own_result() {
         assert_eq!(items, 200);
         for id in &ids {
             let st = s.delivery_status(*id).await.unwrap();
-            assert!(st.iter().all(|r| r.status == "delivered"), "{id}: {st:?}");
+            assert!(st.iter().all(|r| r.status == DeliveryState::Delivered), "{id}: {st:?}");
         }
     })
     .await;

@@ -11,7 +11,7 @@ use crate::{
 };
 use chrono::SecondsFormat;
 use futures_util::FutureExt;
-use notify_store::{Claim, Store, StoreError};
+use notify_store::{Claim, DeliveryKey, DeliveryState, Store, StoreError};
 use notify_types::{routes::Routes, Channel, Envelope};
 use std::{panic::AssertUnwindSafe, sync::Arc};
 
@@ -80,8 +80,8 @@ impl Deliverer {
         // Named by its publish: a second copy of this id (an idempotent retry's) that finds
         // this one being delivered acks instead of sending again.
         let copy = format!("{} {}", env.correlation_id, env.created_at.to_rfc3339_opts(SecondsFormat::Nanos, true));
-        let claim =
-            self.store.claim_copy(env.id, channel.as_str(), env.event.as_deref(), received.attempt as i32, Some(&copy));
+        let key = DeliveryKey::new(env.id, channel);
+        let claim = self.store.claim_copy(key, env.event.as_deref(), received.attempt as i32, Some(&copy));
         match claim.await {
             Ok(Claim::Proceed) => None,
             Ok(Claim::Unfinished { crashes }) if crashes >= self.crash_limit as i32 => Some(Outcome::Dead {
@@ -101,7 +101,7 @@ impl Deliverer {
     /// claim that follows will meet the same database.
     async fn unfinished(&self, channel: Channel, env: &Envelope) -> bool {
         match self.store.delivery_status(env.id).await {
-            Ok(rows) => rows.iter().any(|r| r.channel == channel.as_str() && r.status == "delivering"),
+            Ok(rows) => rows.iter().any(|r| r.channel == channel && r.status == DeliveryState::Delivering),
             Err(_) => false,
         }
     }
@@ -126,13 +126,16 @@ impl Deliverer {
     }
 }
 
-/// A store error during delivery: an outage defers (no attempt counted); anything else is a
-/// query bug that would fail the same way again, so the message is dead with its own reason.
+/// A store error during delivery: an outage defers (no attempt counted); a query bug would
+/// fail the same way again, so the message is dead with its own reason and logged as an error;
+/// anything else is retried like a failed attempt.
 pub fn store_failed(e: StoreError) -> Outcome {
     if e.is_unavailable() {
         Outcome::Defer { error: e.to_string() }
-    } else {
+    } else if e.is_query_bug() {
         tracing::error!(error = %e, "database query failed (not an outage)");
         Outcome::Dead { reason: DeadReason::StoreQuery, error: e.to_string() }
+    } else {
+        Outcome::retry(e.to_string())
     }
 }

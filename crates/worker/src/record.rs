@@ -3,7 +3,7 @@
 //! [`Outcome::RecordLater`]: the message comes back only to be recorded, never sent again.
 
 use crate::{outcome::Outcome, received::Received};
-use notify_store::{Store, StoreError};
+use notify_store::{DeliveryKey, Store, StoreError};
 use notify_types::Channel;
 
 pub async fn record(store: &Store, received: &Received, outcome: Outcome) -> Outcome {
@@ -12,16 +12,16 @@ pub async fn record(store: &Store, received: &Received, outcome: Outcome) -> Out
         return outcome;
     };
     let channel = received.channel;
-    let ch = channel.as_str();
+    let key = DeliveryKey::new(env.id, channel);
     let event = env.event.as_deref();
     let result = match &outcome {
         // An in-app delivery is the inbox insert, which marked it delivered in the same
         // statement: nothing is left to record.
         Outcome::Delivered if channel == Channel::InApp => Ok(()),
-        Outcome::Delivered => store.mark_delivered(env.id, ch).await,
-        Outcome::Retry { error, .. } | Outcome::Defer { error } => store.mark_retrying(env.id, ch, event, error).await,
+        Outcome::Delivered => store.mark_delivered(key).await,
+        Outcome::Retry { error, .. } | Outcome::Defer { error } => store.mark_retrying(key, event, error).await,
         Outcome::Dead { reason, error } => {
-            store.mark_dead(env.id, ch, event, received.attempt as i32, error, reason.as_str()).await
+            store.mark_dead(key, event, received.attempt as i32, error, reason.as_str()).await
         }
         Outcome::AlreadyDelivered | Outcome::RecordLater { .. } => Ok(()),
     };

@@ -327,8 +327,9 @@ async fn kill_9_the_worker_three_times_with_1000_emails_in_flight_loses_nothing(
         .buffer_unordered(8)
         .collect()
         .await;
-    let delivered =
-        statuses.iter().filter(|rows| rows.len() == 1 && rows[0].channel == "email" && rows[0].status == "delivered");
+    let delivered = statuses.iter().filter(|rows| {
+        rows.len() == 1 && rows[0].channel == Channel::Email && rows[0].status == notify_store::DeliveryState::Delivered
+    });
     let delivered = delivered.count();
     let max_attempts = statuses.iter().flatten().map(|r| r.attempts).max().unwrap_or(0);
     println!("deliveries table: {delivered} of {TOTAL} rows delivered (highest attempts {max_attempts})");
@@ -486,7 +487,7 @@ async fn a_message_that_kills_the_worker_is_dead_lettered_by_the_worker_without_
     assert_eq!(header_str(&dead[0].0, headers::DEAD_REASON).as_deref(), Some("crashed_worker"));
     assert_eq!(mailed, good, "every good mail delivered");
     assert!(mails.iter().all(|m| m.to != ["poison@example.com"]), "the poison message was never mailed");
-    assert_eq!(poison_state[0].status, "dead", "the status endpoint shows it dead");
+    assert_eq!(poison_state[0].status, notify_store::DeliveryState::Dead, "the status endpoint shows it dead");
     assert_eq!(rabbit::message_count(&s.conn, &s.queue()).await, Some(0));
     s.cleanup().await;
 }

@@ -1,17 +1,21 @@
 //! The accept step shared by every POST: publish with confirms, answer 202 — and with an
 //! `Idempotency-Key`, answer a repeated request with the first 202 without publishing again.
 
+use super::answers::{self, Answer};
 use super::AppState;
 use crate::auth::Producer;
 use crate::error::ApiError;
 use actix_web::{http::StatusCode, HttpMessage, HttpRequest, HttpResponse};
-use notify_store::Begin;
+use notify_store::{Begin, Store};
 use notify_types::{broker::PublishError, Envelope};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 /// How long a repeated request waits for the first one with its key to finish.
 const PENDING_WAIT: Duration = Duration::from_secs(10);
+/// How long a request that finds its key stale waits for the owner before publishing again:
+/// three of the owner's background attempts to save its answer.
+const STALE_WAIT: Duration = Duration::from_secs(3 * answers::BACKGROUND_MAX_INTERVAL.as_secs());
 
 pub struct Accept {
     pub env: Envelope,
@@ -34,48 +38,71 @@ pub async fn accept(
     };
     // Keys are scoped to the producer: another API key's `k` is another key (names hold no `:`).
     let key = format!("{}:{key}", producer.0);
-    let store = state.store()?;
     // Canonical JSON (sorted keys) of path + body: the same request in other whitespace or key
     // order is the same request.
     let hash = hex(&Sha256::digest(format!("{}\n{}", req.path(), request)));
+    // This process published under the key and has not saved the answer yet: that answer.
+    if let Some(answer) = state.answers.get(&key) {
+        return if answer.hash == hash { Ok(replay(answer.status, answer.body)) } else { Err(mismatch()) };
+    }
+    let store = state.store()?;
     for _ in 0..3 {
-        match store.idempotency_begin(&key, &hash).await? {
-            Begin::Owner => {
-                // The key's notification id: this request's, or the one an earlier attempt with
-                // this key (a 503, a crash) may have published after all.
-                let id = match store.idempotency_notification(&key, a.env.id).await {
-                    Ok(id) => id,
-                    Err(e) => {
-                        release(store, &key).await;
-                        return Err(e.into());
-                    }
-                };
-                a.set_id(id);
-                if let Err(e) = publish(state, &a.env, &a.routing_key).await {
-                    // Not accepted: the key keeps its id, and the caller's retry publishes
-                    // under it.
-                    release(store, &key).await;
-                    return Err(e);
-                }
-                complete(store, &key, &a).await;
-                return Ok(accepted(&a.env, a.body));
-            }
+        match store.idempotency_begin(&key, &hash, state.clock.now()).await? {
+            Begin::Owner => return own(state, store, &key, hash, a).await,
             Begin::Replay { status, body } => return Ok(replay(status, body)),
-            Begin::Mismatch => {
-                return Err(ApiError::field(
-                    "Idempotency-Key",
-                    "was already used with a different request; use a new key for a new request",
-                ))
-            }
+            Begin::Mismatch => return Err(mismatch()),
             Begin::Pending => {
                 if let Some(Begin::Replay { status, body }) = store.idempotency_wait(&key, PENDING_WAIT).await? {
                     return Ok(replay(status, body));
                 }
                 // The first request gave up (its key was released): try to become the owner.
             }
+            Begin::Stale => {
+                // Its owner crashed, or it published and is still saving its answer (the
+                // database was out of reach): give it a few of its retries before publishing
+                // again.
+                if let Some(Begin::Replay { status, body }) = store.idempotency_wait(&key, STALE_WAIT).await? {
+                    return Ok(replay(status, body));
+                }
+                if store.idempotency_take_over(&key, &hash, state.clock.now()).await? {
+                    return own(state, store, &key, hash, a).await;
+                }
+            }
         }
     }
     Err(ApiError::Conflict("a request with this Idempotency-Key is still in progress; retry later".into()))
+}
+
+/// The owner of a key publishes under the key's notification id and saves its answer.
+async fn own(
+    state: &AppState,
+    store: &Store,
+    key: &str,
+    hash: String,
+    mut a: Accept,
+) -> Result<HttpResponse, ApiError> {
+    // The key's notification id: this request's, or the one an earlier attempt with this key
+    // (a 503, a crash) may have published after all.
+    let id = match store.idempotency_notification(key, a.env.id).await {
+        Ok(id) => id,
+        Err(e) => {
+            release(store, key).await;
+            return Err(e.into());
+        }
+    };
+    a.set_id(id);
+    if let Err(e) = publish(state, &a.env, &a.routing_key).await {
+        // Not accepted: the key keeps its id, and the caller's retry publishes under it.
+        release(store, key).await;
+        return Err(e);
+    }
+    let answer = Answer { hash, status: 202, body: a.body.clone() };
+    answers::save(store, &state.answers, key, answer, id).await;
+    Ok(accepted(&a.env, a.body))
+}
+
+fn mismatch() -> ApiError {
+    ApiError::field("Idempotency-Key", "was already used with a different request; use a new key for a new request")
 }
 
 impl Accept {
@@ -90,26 +117,9 @@ impl Accept {
     }
 }
 
-async fn release(store: &notify_store::Store, key: &str) {
+async fn release(store: &Store, key: &str) {
     if let Err(e) = store.idempotency_abandon(key).await {
         tracing::warn!(error = %e, "could not release an idempotency key; it is retried after the takeover time");
-    }
-}
-
-/// Saves the 202 for the key, retrying a little: a key left pending is taken over after a
-/// minute and published again (under the same id, which the send guard delivers once).
-async fn complete(store: &notify_store::Store, key: &str, a: &Accept) {
-    for wait in [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)] {
-        match store.idempotency_complete(key, 202, &a.body).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, id = %a.env.id, "accepted, but saving the idempotency record failed; retrying");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-    if let Err(e) = store.idempotency_complete(key, 202, &a.body).await {
-        tracing::error!(error = %e, id = %a.env.id, "accepted, but the idempotency record was not saved");
     }
 }
 

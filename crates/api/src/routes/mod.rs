@@ -1,4 +1,5 @@
 mod accept;
+pub mod answers;
 mod dead_letters;
 mod events;
 mod health;
@@ -21,6 +22,10 @@ pub struct AppState {
     pub routes: Arc<Routes>,
     pub store: Option<Store>,
     pub allow_private_webhooks: bool,
+    /// The time the idempotency rules read.
+    pub clock: crate::clock::Clock,
+    /// Answers published under an `Idempotency-Key` and not saved in the database yet.
+    pub answers: Arc<answers::Answers>,
 }
 
 impl AppState {
