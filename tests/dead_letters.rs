@@ -487,3 +487,60 @@ async fn retention_purges_old_rows_and_keeps_the_rest() {
     worker.stop().await.unwrap();
     h.cleanup().await;
 }
+
+/// A dead letter is acked off its queue only once stored: while PostgreSQL refuses it, the
+/// indexer holds it unacked (a stopped worker gives it back to the queue); once it can be
+/// stored it is, once, however often the broker delivered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_stays_in_its_queue_until_it_is_stored_and_is_stored_once() {
+    let h = harness("dl-keep", &[]).await;
+    let store = h.store();
+    let dead_queue = h.email_dead_queue();
+    let ch = h.amqp.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let publish_dead = |env: &Envelope| {
+        let mut props = broker::envelope_properties(env, 1);
+        let mut headers = props.headers().clone().unwrap_or_default();
+        let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+        headers.insert(notify_types::headers::DEAD_REASON.into(), text("permanent"));
+        headers.insert(notify_types::headers::LAST_ERROR.into(), text("550 5.1.1 mailbox unavailable"));
+        headers.insert(notify_types::headers::DEAD_AT.into(), text("2026-12-03T10:00:00.000Z"));
+        props = props.with_headers(headers);
+        let (ch, queue, body) = (ch.clone(), dead_queue.clone(), env.to_bytes());
+        async move { broker::publish_confirmed(&ch, "", &queue, &body, props, WAIT).await.unwrap() }
+    };
+    let mail = |i: u32| {
+        Envelope::direct(
+            Channel::Email,
+            format!("keep-{i}"),
+            json!({"to": "k@example.com", "subject": "s", "body": "b"}),
+        )
+    };
+    let mut worker = h.worker().await;
+    publish_dead(&mail(1)).await;
+    wait_total(&h, "", 1).await;
+
+    // PostgreSQL refuses the inserts (the table is away); the same dead message arrives twice,
+    // as after an indexer crash between its commit and its ack.
+    sqlx::query("ALTER TABLE dead_letters RENAME TO dead_letters_away").execute(store.pool()).await.unwrap();
+    let twice = mail(2);
+    publish_dead(&twice).await;
+    publish_dead(&twice).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.count(&dead_queue).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the indexer never took the messages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.stop().await.unwrap();
+    assert_eq!(h.count(&dead_queue).await, 2, "not acked while they could not be stored: back in the queue");
+
+    sqlx::query("ALTER TABLE dead_letters_away RENAME TO dead_letters").execute(store.pool()).await.unwrap();
+    worker = h.worker().await;
+    let page = wait_total(&h, "", 2).await;
+    let ids: BTreeSet<&str> =
+        page["items"].as_array().unwrap().iter().map(|i| i["notification_id"].as_str().unwrap()).collect();
+    assert!(ids.contains(twice.id.to_string().as_str()), "{page}");
+    worker.stop().await.unwrap();
+    assert_eq!(h.count(&dead_queue).await, 0, "stored, then acked");
+    h.cleanup().await;
+}
