@@ -22,13 +22,15 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 mod batch;
+mod dead_letter_actions;
 mod dead_letters;
 mod retention;
 use batch::{Batcher, Op};
 pub use batch::{GroupCommitStats, MAX_BATCH, PARALLEL};
+pub use dead_letter_actions::{BeginReplay, DeadLetterAction, ReplayJob};
 pub use dead_letters::{
-    BeginReplay, ChannelHistory, DeadLetter, DeadLetterAction, DeadLetterDetail, DeadLetterFilter, DeadLetterPage,
-    NewDeadLetter, ReplayJob, DEAD_REASONS, REPLAY_TAKEOVER_AFTER,
+    ChannelHistory, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterPage, NewDeadLetter, DEAD_REASONS,
+    REPLAY_TAKEOVER_AFTER,
 };
 pub use retention::{Purged, Retention};
 
