@@ -12,6 +12,7 @@
 
 mod batch;
 mod columns;
+mod dead_letter_actions;
 mod dead_letters;
 pub mod deliveries;
 pub mod errors;
@@ -24,9 +25,10 @@ mod retention;
 pub mod schema;
 
 pub use batch::{GroupCommitStats, MAX_BATCH, PARALLEL};
+pub use dead_letter_actions::{BeginReplay, DeadLetterAction, ReplayJob};
 pub use dead_letters::{
-    BeginReplay, ChannelHistory, DeadLetter, DeadLetterAction, DeadLetterDetail, DeadLetterFilter, DeadLetterPage,
-    NewDeadLetter, ReplayJob, DEAD_REASONS, REPLAY_TAKEOVER_AFTER,
+    ChannelHistory, DeadLetter, DeadLetterDetail, DeadLetterFilter, DeadLetterPage, NewDeadLetter, DEAD_REASONS,
+    REPLAY_TAKEOVER_AFTER,
 };
 pub use deliveries::{Claim, DeliveryKey, DeliveryState, DeliveryStatus};
 pub use errors::StoreError;

@@ -49,7 +49,8 @@ impl Indexer {
                 Ok((conn, _)) => conn,
                 Err(e) => {
                     let wait = failover.backoff();
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "dead-letter indexer cannot reach RabbitMQ");
+                    // The consumers' loop warns about the same broker, once per attempt.
+                    tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "dead-letter indexer cannot reach RabbitMQ");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => return,
@@ -70,7 +71,11 @@ impl Indexer {
         }
     }
 
-    async fn consume(&self, conn: &lapin::Connection, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
+    async fn consume(&self, conn: &lapin::Connection, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        // The consumers declare the topology too; declaring it here as well (idempotent) means
+        // the dead queues exist whichever connects first. A mismatch is the consumers' error to
+        // report: without the queues there is nothing to consume, so wait and try again.
+        self.topology.declare(conn).await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
         let mut streams = Vec::new();
@@ -100,7 +105,7 @@ impl Indexer {
                         break;
                     }
                 }
-                Some((_, Err(e))) => return Err(e),
+                Some((_, Err(e))) => return Err(e.into()),
                 None => break,
             }
         }
