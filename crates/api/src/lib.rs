@@ -5,6 +5,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod metrics;
+pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod startup;

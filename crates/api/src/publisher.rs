@@ -97,11 +97,14 @@ impl Slot {
 }
 
 /// Why the API is not ready to accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum BrokerState {
     Connected,
+    /// A resource alarm: the broker refuses publishes until it clears.
     Blocked,
     /// Connected, but the last publishes were nacked or not confirmed in time.
+    #[serde(rename = "publishes_failing")]
     Failing,
     Disconnected,
 }
@@ -181,6 +184,7 @@ impl Publisher {
         let n = session.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
         let (exchange, payload) = (self.inner.topology.exchange(), env.to_bytes());
         let channel = session.channels[n].current();
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             biased;
             result = broker::publish_confirmed(
@@ -193,6 +197,7 @@ impl Publisher {
             ) => result,
             _ = blocked => Err(PublishError::Blocked),
         };
+        crate::metrics::publish_duration(started.elapsed());
         self.inner.count(&session, &result);
         if matches!(result, Err(PublishError::Nacked)) {
             self.inner.replace_channel(&session, n);

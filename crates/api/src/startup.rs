@@ -21,6 +21,7 @@ impl Application {
     /// Binds the listener, connects to RabbitMQ and declares the topology. Fails on a bad
     /// address or a topology mismatch; an unreachable broker only makes the API unready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Application> {
+        crate::metrics::init();
         let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port)
         })?;
@@ -57,6 +58,8 @@ impl Application {
             App::new()
                 .wrap(actix_web::middleware::from_fn(crate::auth::require_key))
                 .wrap(TracingLogger::default())
+                // Outermost: counts every answer, the key check's 401s included.
+                .wrap(actix_web::middleware::from_fn(crate::metrics::record))
                 .app_data(keys.clone())
                 .app_data(state.clone())
                 .configure(routes::configure)

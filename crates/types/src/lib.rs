@@ -6,6 +6,7 @@ pub mod channel;
 pub mod config;
 pub mod envelope;
 pub mod headers;
+pub mod metrics;
 pub mod net;
 pub mod routes;
 pub mod telemetry;

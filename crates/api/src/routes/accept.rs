@@ -143,6 +143,7 @@ pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Res
     let started = std::time::Instant::now();
     match state.publisher.publish(env, routing_key).await {
         Ok(()) => {
+            crate::metrics::accepted(env.channel.map_or("event", |c| c.as_str()));
             tracing::info!(id = %env.id, correlation_id = %env.correlation_id, producer = env.producer.as_deref().unwrap_or("-"), routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
             Ok(())
         }
