@@ -106,7 +106,7 @@ pub async fn post_event(
     accept(&state, &req, &parsed.value, Accept { routing_key: Topology::event_key(&event), env, body }).await
 }
 
-/// `POST /events`: the same as `POST /api/v1/events`, for older clients.
+/// The same as `POST /api/v1/events`, for older clients.
 #[utoipa::path(
     post,
     path = "/events",
