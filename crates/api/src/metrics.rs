@@ -21,13 +21,15 @@ pub const PUBLISH_DURATION: &str = "notify_api_publish_duration_seconds";
 pub const ACCEPTED: &str = "notify_api_accepted_total";
 pub const BROKER_UP: &str = "notify_api_broker_up";
 pub const BROKER_BLOCKED: &str = "notify_api_broker_blocked";
+pub const DATABASE_UP: &str = "notify_api_database_up";
 
 /// The `route` label of a request that matched no route (404 from the default service).
 pub const UNMATCHED: &str = "unmatched";
 
 /// Every metric name the API exports (the dashboard check in scripts/check-deploy.py reads
 /// metric names from this file).
-pub const NAMES: &[&str] = &[REQUESTS, REQUEST_DURATION, PUBLISH_DURATION, ACCEPTED, BROKER_UP, BROKER_BLOCKED];
+pub const NAMES: &[&str] =
+    &[REQUESTS, REQUEST_DURATION, PUBLISH_DURATION, ACCEPTED, BROKER_UP, BROKER_BLOCKED, DATABASE_UP];
 
 /// Installs the process's recorder and describes the metrics (`# HELP` lines).
 pub fn init() {
@@ -46,6 +48,7 @@ pub fn init() {
     metrics::describe_counter!(ACCEPTED, "Notifications accepted (202), by channel (`event` for events)");
     metrics::describe_gauge!(BROKER_UP, "1 while the API's broker connection is open and confirming publishes");
     metrics::describe_gauge!(BROKER_BLOCKED, "1 while the broker blocks the API's publishes (resource alarm)");
+    metrics::describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the scrape's ping (2 s bound)");
 }
 
 /// Middleware: counts and times every request, including those refused before their handler
@@ -105,6 +108,11 @@ pub fn broker_state(state: BrokerState) {
     let up = matches!(state, BrokerState::Connected | BrokerState::Blocked);
     metrics::gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
     metrics::gauge!(BROKER_BLOCKED).set(if state == BrokerState::Blocked { 1.0 } else { 0.0 });
+}
+
+/// Sets the database gauge from a ping made for this scrape.
+pub fn database_up(up: bool) {
+    metrics::gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 /// One publish, timed from the call to the broker's answer.

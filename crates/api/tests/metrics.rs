@@ -123,6 +123,7 @@ async fn the_request_counter_matches_the_requests_sent_by_route_and_status() {
     assert_eq!(get(&s, "notify_api_publish_duration_seconds_count", &[]), 10.0, "one publish per 202");
     assert_eq!(get(&s, "notify_api_broker_up", &[]), 1.0);
     assert_eq!(get(&s, "notify_api_broker_blocked", &[]), 0.0);
+    assert_eq!(get(&s, "notify_api_database_up", &[]), 1.0);
     assert!(
         get(&s, "notify_api_publish_duration_seconds_bucket", &[("le", "+Inf")]) == 10.0,
         "a real histogram with buckets\n{text}"

@@ -16,6 +16,10 @@ use std::sync::{Arc, OnceLock};
 )]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     crate::metrics::broker_state(state.publisher.state());
+    if let Some(store) = &state.store {
+        let ping = tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await;
+        crate::metrics::database_up(matches!(ping, Ok(Ok(()))));
+    }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(notify_types::metrics::render())
 }
 
