@@ -183,6 +183,14 @@ pub struct AcceptHeaders {
     /// `correlation_id` in both binaries' logs, returned as `X-Request-Id`.
     #[param(rename = "X-Request-Id", nullable = false)]
     x_request_id: Option<String>,
+    /// The caller's W3C trace context: the message carries a child of it to the worker, whose
+    /// delivery joins the trace. Invalid values are ignored (a new trace starts), as W3C asks.
+    #[param(
+        rename = "traceparent",
+        nullable = false,
+        example = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    )]
+    traceparent: Option<String>,
 }
 
 fn accepted(schema: &str) -> BTreeMap<String, RefOr<Response>> {

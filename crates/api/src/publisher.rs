@@ -170,9 +170,9 @@ impl Publisher {
         guard.as_ref().filter(|s| s.usable()).cloned()
     }
 
-    /// Publishes `env` to the exchange with `routing_key`; Ok only when the broker confirmed it
-    /// and returned nothing.
-    pub async fn publish(&self, env: &Envelope, routing_key: &str) -> Result<(), PublishError> {
+    /// Publishes `env` to the exchange with `routing_key`, with the request's W3C trace context
+    /// in the `traceparent` header; Ok only when the broker confirmed it and returned nothing.
+    pub async fn publish(&self, env: &Envelope, routing_key: &str, traceparent: &str) -> Result<(), PublishError> {
         let session = self.current().ok_or(PublishError::NotConnected)?;
         // Registered before the check, so a block arriving in between still wakes us.
         let blocked = session.blocked_notify.notified();
@@ -192,7 +192,7 @@ impl Publisher {
                 &exchange,
                 routing_key,
                 &payload,
-                broker::envelope_properties(env, 1),
+                broker::with_header(broker::envelope_properties(env, 1), notify_types::headers::TRACEPARENT, traceparent),
                 self.inner.timeout,
             ) => result,
             _ = blocked => Err(PublishError::Blocked),

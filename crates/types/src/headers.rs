@@ -19,3 +19,7 @@ pub const DEFERRALS: &str = "x-notify-deferrals";
 /// Set on a message that was sent but whose record failed: when it comes back, the worker only
 /// records the delivery, it never sends again.
 pub const SENT: &str = "x-notify-sent";
+/// W3C trace context (`00-<trace id>-<parent span id>-<flags>`) of the request that published
+/// the message: the worker's delivery span continues that trace
+/// (`telemetry::set_parent_from_traceparent`).
+pub const TRACEPARENT: &str = "traceparent";
