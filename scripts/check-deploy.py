@@ -5,7 +5,8 @@
 
 Checks docker-compose.yml (the stack a developer starts, its webhook inspector that every notify
 service's ORDER_WEBHOOK_URL points at, and its `cluster` profile: three RabbitMQ nodes of one
-cluster, notify given all three), deploy/Dockerfile and, when present,
+cluster, notify given all three; its `observability` profile, the Grafana dashboard and the
+Prometheus config: scripts/check_observability.py), deploy/Dockerfile and, when present,
 deploy/k8s/ (the base, and every overlay under deploy/k8s/overlays rendered with
 `kubectl kustomize`: RabbitMQ cluster, KEDA, HPA, PodDisruptionBudgets, CloudNativePG) against
 what the design asks of them, plus that every setting the deploy files pass to the binaries is
@@ -261,6 +262,10 @@ def check_compose(documented: set[str]) -> None:
             seen.setdefault(port, name)
     check_compose_cluster(services)
     check_compose_webhooks(services)
+    # The `observability` profile, the Grafana dashboard and the scrape config (own module).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from check_observability import check_observability
+    check_observability(ROOT, services, check, notes, load_yaml_docs, container_ports, host_ports)
 
 
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")

@@ -1,4 +1,5 @@
-//! API keys: every route but /health and /ready needs `Authorization: Bearer <key>`.
+//! API keys: every route but /health, /ready, /metrics, /openapi.json and /docs needs
+//! `Authorization: Bearer <key>`.
 
 use crate::support;
 
@@ -30,11 +31,16 @@ async fn requests_without_a_valid_key_get_401_and_publish_nothing() {
         assert_eq!(err["error"]["code"], "unauthorized", "{name}");
         assert!(!err.to_string().contains("test-key"), "no key material in errors: {err}");
     }
-    // Other routes are protected too; /health and /ready are open.
+    // Other routes are protected too; /health, /ready, /metrics, /openapi.json and /docs are open.
     assert_eq!(bare.get(format!("{}/api/v1/users/u/notifications", h.api.base)).send().await.unwrap().status(), 401);
     assert_eq!(bare.post(format!("{}/events", h.api.base)).send().await.unwrap().status(), 401);
     assert_eq!(bare.get(format!("{}/health", h.api.base)).send().await.unwrap().status(), 200);
     assert_eq!(bare.get(format!("{}/ready", h.api.base)).send().await.unwrap().status(), 200);
+    for open in ["/metrics", "/openapi.json", "/docs", "/docs/swagger-ui.css"] {
+        assert_eq!(bare.get(format!("{}{open}", h.api.base)).send().await.unwrap().status(), 200, "{open}");
+    }
+    // Open by exact path only: a look-alike path still needs a key.
+    assert_eq!(bare.get(format!("{}/docsx", h.api.base)).send().await.unwrap().status(), 401);
     assert_eq!(h.count(&h.email_queue()).await, 0, "nothing published");
 
     // Both configured keys work.

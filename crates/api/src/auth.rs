@@ -1,6 +1,6 @@
-//! API keys: `Authorization: Bearer <key>` on every route but `/health` and `/ready`. Keys are
-//! compared in constant time against every configured key, so neither timing nor the position
-//! of a match tells anything about a key.
+//! API keys: `Authorization: Bearer <key>` on every route but `/health`, `/ready`, `/metrics`,
+//! `/openapi.json` and `/docs`. Keys are compared in constant time against every configured key,
+//! so neither timing nor the position of a match tells anything about a key.
 //!
 //! Keys may be named (`API_KEYS=billing:k1,accounts:k2`): the name is the producer. It goes
 //! into logs and the envelope, and it scopes `Idempotency-Key`s, so one client can neither
@@ -92,8 +92,10 @@ impl ApiKeys {
     }
 }
 
+/// Routes without a key: probes, metrics and the API's own description (nothing in them is a
+/// producer's data).
 fn is_open(path: &str) -> bool {
-    matches!(path, "/health" | "/ready")
+    matches!(path, "/health" | "/ready" | "/metrics" | "/openapi.json" | "/docs") || path.starts_with("/docs/")
 }
 
 /// The credentials of a `Bearer` authorization header. The scheme is case-insensitive

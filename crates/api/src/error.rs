@@ -5,10 +5,42 @@ use actix_web::{http::StatusCode, HttpResponse, ResponseError};
 use serde::Serialize;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One invalid field of a 422.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
+    /// The field's name (a body field, a query parameter or a header such as `Idempotency-Key`).
+    #[schema(example = "to")]
     pub field: String,
+    #[schema(example = "must be a valid e-mail address")]
     pub message: String,
+}
+
+/// The machine-readable code of an error; each goes with one status.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not JSON.
+    MalformedJson,
+    /// 415: not `application/json`, or a `Content-Encoding`.
+    UnsupportedMediaType,
+    /// 413: the body is over `API_MAX_BODY_BYTES`.
+    PayloadTooLarge,
+    /// 422: invalid fields, listed in `fields`.
+    ValidationFailed,
+    /// 404: no such route, notification or inbox item.
+    NotFound,
+    /// 405: the path takes another method (`Allow` names it).
+    MethodNotAllowed,
+    /// 409: a request with the same `Idempotency-Key` is still in progress.
+    Conflict,
+    /// 401: missing or wrong API key.
+    Unauthorized,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 503: broker or database unavailable; `Retry-After` says when to retry.
+    ServiceUnavailable,
+    /// 500: a bug; logged in full, opaque to the caller.
+    InternalError,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,33 +92,40 @@ impl ApiError {
         Self::validation(vec![FieldError { field: field.to_string(), message: message.into() }])
     }
 
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            ApiError::MalformedJson(_) => "malformed_json",
-            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::Validation { .. } => "validation_failed",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::RequestTimeout(_) => "request_timeout",
-            ApiError::Unavailable { .. } => "service_unavailable",
-            ApiError::Unexpected(_) => "internal_error",
+            ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::Validation { .. } => ErrorCode::ValidationFailed,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::RequestTimeout(_) => ErrorCode::RequestTimeout,
+            ApiError::Unavailable { .. } => ErrorCode::ServiceUnavailable,
+            ApiError::Unexpected(_) => ErrorCode::InternalError,
         }
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// Every error the API answers: `{"error": {"code", "message", "fields"?}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct Body<'a> {
     error: Inner<'a>,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
+pub struct Inner<'a> {
+    code: ErrorCode,
+    /// What went wrong, for a person.
+    #[schema(example = "the request has invalid fields")]
     message: String,
+    /// Only with `validation_failed`: every invalid field at once.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Vec<FieldError>, nullable = false)]
     fields: Option<&'a [FieldError]>,
 }
 

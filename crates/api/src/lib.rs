@@ -7,6 +7,8 @@ pub mod config;
 pub mod dead_letters;
 pub mod error;
 pub mod extract;
+pub mod metrics;
+pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod startup;

@@ -97,11 +97,14 @@ impl Slot {
 }
 
 /// Why the API is not ready to accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum BrokerState {
     Connected,
+    /// A resource alarm: the broker refuses publishes until it clears.
     Blocked,
     /// Connected, but the last publishes were nacked or not confirmed in time.
+    #[serde(rename = "publishes_failing")]
     Failing,
     Disconnected,
 }
@@ -167,9 +170,9 @@ impl Publisher {
         guard.as_ref().filter(|s| s.usable()).cloned()
     }
 
-    /// Publishes `env` to the exchange with `routing_key`; Ok only when the broker confirmed it
-    /// and returned nothing.
-    pub async fn publish(&self, env: &Envelope, routing_key: &str) -> Result<(), PublishError> {
+    /// Publishes `env` to the exchange with `routing_key`, with the request's W3C trace context
+    /// in the `traceparent` header; Ok only when the broker confirmed it and returned nothing.
+    pub async fn publish(&self, env: &Envelope, routing_key: &str, traceparent: &str) -> Result<(), PublishError> {
         let session = self.current().ok_or(PublishError::NotConnected)?;
         // Registered before the check, so a block arriving in between still wakes us.
         let blocked = session.blocked_notify.notified();
@@ -181,6 +184,7 @@ impl Publisher {
         let n = session.next.fetch_add(1, Ordering::Relaxed) % session.channels.len();
         let (exchange, payload) = (self.inner.topology.exchange(), env.to_bytes());
         let channel = session.channels[n].current();
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             biased;
             result = broker::publish_confirmed(
@@ -188,11 +192,12 @@ impl Publisher {
                 &exchange,
                 routing_key,
                 &payload,
-                broker::envelope_properties(env, 1),
+                broker::with_header(broker::envelope_properties(env, 1), notify_types::headers::TRACEPARENT, traceparent),
                 self.inner.timeout,
             ) => result,
             _ = blocked => Err(PublishError::Blocked),
         };
+        crate::metrics::publish_duration(started.elapsed());
         self.inner.count(&session, &result);
         if matches!(result, Err(PublishError::Nacked)) {
             self.inner.replace_channel(&session, n);

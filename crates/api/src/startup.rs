@@ -28,6 +28,7 @@ impl Application {
 
     /// [`Application::build`] with the clock the idempotency rules read (tests move it).
     pub async fn build_with_clock(config: ApiConfig, clock: Clock) -> anyhow::Result<Application> {
+        crate::metrics::init();
         let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}:{} (API_HOST/API_PORT): {e}", config.host, config.port)
         })?;
@@ -74,6 +75,8 @@ impl Application {
             App::new()
                 .wrap(actix_web::middleware::from_fn(crate::auth::require_key))
                 .wrap(TracingLogger::default())
+                // Outermost: counts every answer, the key check's 401s included.
+                .wrap(actix_web::middleware::from_fn(crate::metrics::record))
                 .app_data(keys.clone())
                 .app_data(state.clone())
                 .app_data(dead_letters.clone())

@@ -91,9 +91,13 @@ pub enum Claim {
 }
 
 /// Delivery state of one channel of a notification.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct DeliveryStatus {
+    /// `email`, `webhook` or `in_app`.
+    #[schema(value_type = String)]
     pub channel: Channel,
+    /// `queued`, `delivering`, `delivered`, `retrying` or `dead`.
+    #[schema(value_type = String)]
     pub status: DeliveryState,
     pub attempts: i32,
     pub last_error: Option<String>,

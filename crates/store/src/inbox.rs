@@ -23,7 +23,7 @@ pub struct NewInboxItem {
 }
 
 /// One in-app inbox item.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct InboxItem {
     pub id: Uuid,
     pub notification_id: Uuid,
@@ -68,7 +68,7 @@ impl From<InboxRow> for InboxItem {
 }
 
 /// One page of a user's inbox.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct InboxPage {
     pub items: Vec<InboxItem>,
     /// Pass as `before` to get the next (older) page; `None` on the last page.

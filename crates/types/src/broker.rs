@@ -177,6 +177,13 @@ pub fn envelope_properties(env: &Envelope, attempt: u32) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// `props` with one more string header (e.g. [`headers::TRACEPARENT`]).
+pub fn with_header(props: BasicProperties, key: &str, value: &str) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(key.into(), AMQPValue::LongString(value.into()));
+    props.with_headers(headers)
+}
+
 /// Publishes with `mandatory` and waits for the broker's confirm, bounded by `timeout`.
 /// Success only for an ack with nothing returned.
 pub async fn publish_confirmed(

@@ -19,7 +19,9 @@ pub const DEFERRALS: &str = "x-notify-deferrals";
 /// Set on a message that was sent but whose record failed: when it comes back, the worker only
 /// records the delivery, it never sends again.
 pub const SENT: &str = "x-notify-sent";
-/// W3C trace context of the request that published the message (`traceparent`, as in HTTP).
+/// W3C trace context (`00-<trace id>-<parent span id>-<flags>`) of the request that published
+/// the message: the worker's delivery span continues that trace
+/// (`telemetry::set_parent_from_traceparent`).
 pub const TRACEPARENT: &str = "traceparent";
 /// How many times this notification was replayed from its channel's dead letters (operator
 /// replay, `notify-admin` or `POST /api/v1/dead-letters/replay`); counts toward `REPLAY_LIMIT`.

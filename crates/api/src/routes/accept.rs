@@ -33,7 +33,7 @@ pub async fn accept(
     let producer = req.extensions().get::<Producer>().cloned().unwrap_or_else(Producer::anonymous);
     a.env.producer = Some(producer.0.clone());
     let Some(key) = idempotency_key(req)? else {
-        publish(state, &a.env, &a.routing_key).await?;
+        publish(state, &a.env, &a.routing_key, traceparent(req)).await?;
         return Ok(accepted(&a.env, a.body));
     };
     // Keys are scoped to the producer: another API key's `k` is another key (names hold no `:`).
@@ -48,7 +48,7 @@ pub async fn accept(
     let store = state.store()?;
     for _ in 0..3 {
         match store.idempotency_begin(&key, &hash, state.clock.now()).await? {
-            Begin::Owner => return own(state, store, &key, hash, a).await,
+            Begin::Owner => return own(state, store, &key, hash, a, traceparent(req)).await,
             Begin::Replay { status, body } => return Ok(replay(status, body)),
             Begin::Mismatch => return Err(mismatch()),
             Begin::Pending => {
@@ -65,7 +65,7 @@ pub async fn accept(
                     return Ok(replay(status, body));
                 }
                 if store.idempotency_take_over(&key, &hash, state.clock.now()).await? {
-                    return own(state, store, &key, hash, a).await;
+                    return own(state, store, &key, hash, a, traceparent(req)).await;
                 }
             }
         }
@@ -80,6 +80,7 @@ async fn own(
     key: &str,
     hash: String,
     mut a: Accept,
+    trace: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     // The key's notification id: this request's, or the one an earlier attempt with this key
     // (a 503, a crash) may have published after all.
@@ -91,7 +92,7 @@ async fn own(
         }
     };
     a.set_id(id);
-    if let Err(e) = publish(state, &a.env, &a.routing_key).await {
+    if let Err(e) = publish(state, &a.env, &a.routing_key, trace).await {
         // Not accepted: the key keeps its id, and the caller's retry publishes under it.
         release(store, key).await;
         return Err(e);
@@ -143,17 +144,30 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     }
 }
 
+fn traceparent(req: &HttpRequest) -> Option<&str> {
+    req.headers().get(notify_types::headers::TRACEPARENT).and_then(|v| v.to_str().ok())
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Publishes and maps broker trouble to the caller's answer: 503 + Retry-After when it may
 /// pass, 500 when the topology is wrong.
-pub async fn publish(state: &AppState, env: &Envelope, routing_key: &str) -> Result<(), ApiError> {
+///
+/// `traceparent`: the caller's W3C trace context header, if any; the message joins that trace.
+pub async fn publish(
+    state: &AppState,
+    env: &Envelope,
+    routing_key: &str,
+    traceparent: Option<&str>,
+) -> Result<(), ApiError> {
     let started = std::time::Instant::now();
-    match state.publisher.publish(env, routing_key).await {
+    let trace = notify_types::telemetry::outgoing(traceparent);
+    match state.publisher.publish(env, routing_key, &trace.header()).await {
         Ok(()) => {
-            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, producer = env.producer.as_deref().unwrap_or("-"), routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
+            crate::metrics::accepted(env.channel.map_or("event", |c| c.as_str()));
+            tracing::info!(id = %env.id, correlation_id = %env.correlation_id, trace_id = %trace.trace_id_hex(), producer = env.producer.as_deref().unwrap_or("-"), routing_key, elapsed_ms = started.elapsed().as_millis() as u64, "accepted");
             Ok(())
         }
         Err(e @ PublishError::Unroutable { .. }) => {

@@ -2,21 +2,64 @@
 
 use super::AppState;
 use crate::error::ApiError;
+use crate::error::Body as ErrorBody;
+use crate::openapi::ReadErrors;
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only unread items.
     #[serde(default)]
     unread: Option<bool>,
+    /// Items per page.
     #[serde(default)]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     #[serde(default)]
     cursor: Option<String>,
 }
 
+/// The inbox's owner, as in the item's `user`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // documents the path; the handlers read it as a string
+pub struct UserPath {
+    /// The user (no NUL character).
+    #[param(min_length = 1)]
+    user: String,
+}
+
+/// `POST …/{id}/read`.
+#[derive(Serialize, ToSchema)]
+pub struct MarkedRead {
+    /// The id the request named (item or notification id).
+    pub id: Uuid,
+    pub read: bool,
+}
+
+/// `POST …/read-all`.
+#[derive(Serialize, ToSchema)]
+pub struct AllRead {
+    /// Items that were unread.
+    pub updated: u64,
+    #[schema(example = 0)]
+    pub unread_count: i64,
+}
+
+/// A user's inbox, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{user}/notifications",
+    tag = "inbox",
+    params(UserPath, ListQuery),
+    responses((status = 200, description = "One page of items and the user's unread count", body = notify_store::InboxPage), ReadErrors),
+)]
 pub async fn list(
     user: web::Path<String>,
     query: Result<web::Query<ListQuery>, actix_web::Error>,
@@ -35,6 +78,18 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(page))
 }
 
+/// Mark one item read, by the item's `id` or its `notification_id`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{user}/notifications/{id}/read",
+    tag = "inbox",
+    params(UserPath, ("id" = String, Path, description = "The item's `id` or its `notification_id`")),
+    responses(
+        (status = 200, description = "Read", body = MarkedRead),
+        (status = 404, description = "`not_found`: the user has no such item", body = ErrorBody),
+        ReadErrors,
+    ),
+)]
 pub async fn mark_read(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
@@ -46,13 +101,21 @@ pub async fn mark_read(
     if !state.store()?.mark_read(&user, id).await? {
         return Err(not_found());
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "read": true})))
+    Ok(HttpResponse::Ok().json(MarkedRead { id, read: true }))
 }
 
+/// Mark every item of the user read.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{user}/notifications/read-all",
+    tag = "inbox",
+    params(UserPath),
+    responses((status = 200, description = "All read", body = AllRead), ReadErrors),
+)]
 pub async fn mark_all_read(user: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     check_user(&user)?;
     let updated = state.store()?.mark_all_read(&user).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({"updated": updated, "unread_count": 0})))
+    Ok(HttpResponse::Ok().json(AllRead { updated, unread_count: 0 }))
 }
 
 /// Postgres cannot compare text holding a NUL (it answers an error, not "no rows"), and no user

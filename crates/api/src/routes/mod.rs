@@ -1,10 +1,11 @@
 mod accept;
 pub mod answers;
 mod dead_letters;
-mod events;
-mod health;
-mod inbox;
-mod notifications;
+pub(crate) mod events;
+pub(crate) mod health;
+pub(crate) mod inbox;
+pub(crate) mod meta;
+pub(crate) mod notifications;
 
 use crate::{error::ApiError, publisher::Publisher};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -50,7 +51,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/v1/notifications/in-app", "POST", post().to(notifications::send_in_app)))
         .service(resource("/api/v1/notifications/{id}", "GET", get().to(notifications::status)))
         .service(resource("/api/v1/events", "POST", post().to(events::post_event)))
-        .service(resource("/events", "POST", post().to(events::post_event)))
+        .service(resource("/events", "POST", post().to(events::post_event_legacy)))
         .service(resource("/api/v1/users/{user}/notifications", "GET", get().to(inbox::list)))
         .service(resource("/api/v1/users/{user}/notifications/read-all", "POST", post().to(inbox::mark_all_read)))
         .service(resource("/api/v1/users/{user}/notifications/{id}/read", "POST", post().to(inbox::mark_read)))
@@ -59,7 +60,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/v1/dead-letters/discard", "POST", post().to(dead_letters::discard)))
         .service(resource("/api/v1/dead-letters/{id}", "GET", get().to(dead_letters::show)))
         .service(resource("/health", "GET", get().to(health::health)))
-        .service(resource("/ready", "GET", get().to(health::ready)));
+        .service(resource("/ready", "GET", get().to(health::ready)))
+        .service(resource("/metrics", "GET", get().to(meta::metrics)))
+        .service(resource("/openapi.json", "GET", get().to(meta::openapi_json)))
+        .service(resource("/docs", "GET", get().to(meta::docs)))
+        .service(resource("/docs/{file}", "GET", get().to(meta::docs_asset)));
 }
 
 async fn method_not_allowed(req: HttpRequest, allow: &'static str) -> HttpResponse {

@@ -2,6 +2,8 @@ use super::{
     accept::{accept, Accept},
     request_id, AppState,
 };
+use crate::error::Body as ErrorBody;
+use crate::openapi::{AcceptErrors, AcceptHeaders, AcceptedResponse, ReadErrors};
 use crate::{
     error::ApiError,
     extract::{json_body, Fields, Parsed},
@@ -9,16 +11,19 @@ use crate::{
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
 use notify_types::{Channel, EmailMessage, Envelope, InAppMessage, Topology, WebhookMessage};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 use validator::{Validate, ValidationError};
 
-/// `POST /api/v1/notifications/email`. Every field is optional for serde so that missing ones
-/// are reported together by the validator, each with its name. Limits: RFC 5321's 254-byte
-/// path, RFC 5322's 998-character line.
-#[derive(Debug, Deserialize, Validate)]
+// Every field is optional for serde so that missing ones are reported together by the
+// validator, each with its name. Limits: RFC 5321's 254-byte path, RFC 5322's 998-character line.
+/// An e-mail to one recipient.
+#[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailRequest {
+    /// One address the worker's mail library accepts (no domain literals such as `x@[127.0.0.1]`).
+    #[schema(required = true, value_type = String, format = Email, min_length = 3, max_length = 254, example = "user@example.com")]
     #[validate(
         required(message = "is required"),
         length(min = 3, max = 254, message = "must be between 3 and 254 characters"),
@@ -27,6 +32,8 @@ pub struct EmailRequest {
         custom(function = "sendable_address")
     )]
     pub to: Option<String>,
+    /// One line, not blank.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 998, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$", example = "Welcome to notify")]
     #[validate(
         required(message = "is required"),
         length(min = 1, max = 998, message = "must be between 1 and 998 characters"),
@@ -34,8 +41,11 @@ pub struct EmailRequest {
         custom(function = "single_line")
     )]
     pub subject: Option<String>,
+    /// The text part, not blank.
+    #[schema(required = true, value_type = String, example = "Your account is ready.")]
     #[validate(required(message = "is required"), custom(function = "not_blank"))]
     pub body: Option<String>,
+    /// An HTML alternative, not blank.
     #[validate(custom(function = "not_blank"))]
     pub html: Option<String>,
 }
@@ -82,6 +92,15 @@ pub(super) fn not_blank(value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Send an e-mail.
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications/email",
+    tag = "notifications",
+    request_body = EmailRequest,
+    params(AcceptHeaders),
+    responses(AcceptedResponse, AcceptErrors),
+)]
 pub async fn send_email(
     req: HttpRequest,
     payload: web::Payload,
@@ -98,20 +117,34 @@ pub async fn send_email(
     direct(&state, &req, &parsed.value, Channel::Email, serde_json::to_value(&message)).await
 }
 
-/// `POST /api/v1/notifications/webhook`: `payload` is POSTed to `url`, signed.
-#[derive(Debug, Deserialize, Validate)]
+/// A webhook: `payload` is POSTed to `url`, signed.
+#[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookRequest {
+    /// An absolute http(s) URL. Hosts that are not globally reachable (private, loopback,
+    /// link-local, special-purpose) are refused unless `WEBHOOK_ALLOW_PRIVATE=true`.
+    #[schema(required = true, value_type = String, format = "uri", min_length = 1, max_length = 2048, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$", example = "https://hooks.example.com/orders")]
     #[validate(
         required(message = "is required"),
         length(min = 1, max = 2048, message = "must be 1 to 2048 characters"),
         custom(function = "single_line")
     )]
     pub url: Option<String>,
+    /// Any JSON value but `null`: the body POSTed to `url`.
+    #[schema(required = true, value_type = Value, example = json!({"order_id": "o-1001"}))]
     #[validate(required(message = "is required"))]
     pub payload: Option<serde_json::Value>,
 }
 
+/// Send a webhook: `payload` is POSTed to `url`, signed (Standard Webhooks).
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications/webhook",
+    tag = "notifications",
+    request_body = WebhookRequest,
+    params(AcceptHeaders),
+    responses(AcceptedResponse, AcceptErrors),
+)]
 pub async fn send_webhook(
     req: HttpRequest,
     payload: web::Payload,
@@ -124,10 +157,12 @@ pub async fn send_webhook(
     direct(&state, &req, &parsed.value, Channel::Webhook, serde_json::to_value(&message)).await
 }
 
-/// `POST /api/v1/notifications/in-app`: an item in `user`'s inbox.
-#[derive(Debug, Deserialize, Validate)]
+/// An item in `user`'s in-app inbox.
+#[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InAppRequest {
+    /// The inbox's owner: one line, not blank.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$", example = "u-42")]
     #[validate(
         required(message = "is required"),
         length(min = 1, max = 128, message = "must be 1 to 128 characters"),
@@ -135,21 +170,36 @@ pub struct InAppRequest {
         custom(function = "single_line")
     )]
     pub user: Option<String>,
+    /// Not blank.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 200, example = "Password reset requested")]
     #[validate(
         required(message = "is required"),
         length(min = 1, max = 200, message = "must be 1 to 200 characters"),
         custom(function = "not_blank")
     )]
     pub title: Option<String>,
+    /// Not blank.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 10000, example = "A reset link was sent to your e-mail address.")]
     #[validate(
         required(message = "is required"),
         length(min = 1, max = 10000, message = "must be 1 to 10000 characters"),
         custom(function = "not_blank")
     )]
     pub body: Option<String>,
+    /// Any JSON, kept with the item.
+    #[schema(value_type = Option<Value>)]
     pub data: Option<serde_json::Value>,
 }
 
+/// Put an item in a user's in-app inbox.
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications/in-app",
+    tag = "notifications",
+    request_body = InAppRequest,
+    params(AcceptHeaders),
+    responses(AcceptedResponse, AcceptErrors),
+)]
 pub async fn send_in_app(
     req: HttpRequest,
     payload: web::Payload,
@@ -175,15 +225,69 @@ async fn direct(
 ) -> Result<HttpResponse, ApiError> {
     let payload = payload.map_err(|e| ApiError::Unexpected(e.into()))?;
     let env = Envelope::direct(channel, request_id(req), payload);
-    let body = serde_json::json!({
-        "message": "request accepted and is being processed",
-        "id": env.id,
-        "received_at": env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-    });
+    let body = Accepted {
+        message: "request accepted and is being processed",
+        id: env.id,
+        received_at: env.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+    };
+    let body = serde_json::to_value(body).map_err(|e| ApiError::Unexpected(e.into()))?;
     accept(state, req, request, Accept { env, routing_key: Topology::direct_key(channel), body }).await
 }
 
-/// `GET /api/v1/notifications/{id}`: delivery state per channel.
+/// The 202 of a direct notification.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    #[schema(example = "request accepted and is being processed")]
+    pub message: &'static str,
+    /// The notification's id: `GET /api/v1/notifications/{id}` shows its delivery.
+    pub id: Uuid,
+    /// When the API accepted it (RFC 3339, UTC, milliseconds).
+    #[schema(format = DateTime, example = "2026-11-22T11:02:03.123Z")]
+    pub received_at: String,
+}
+
+/// Delivery state of a notification, one entry per channel.
+#[derive(Serialize, ToSchema)]
+pub struct NotificationStatus {
+    pub id: Uuid,
+    pub channels: Vec<ChannelStatus>,
+}
+
+/// One channel's delivery state, with its dead-letter history.
+#[derive(Serialize, ToSchema)]
+pub struct ChannelStatus {
+    #[serde(flatten)]
+    pub state: notify_store::DeliveryStatus,
+    /// How often this channel was replayed from its dead letters (`REPLAY_LIMIT` caps it).
+    pub replays: i32,
+    /// The channel's latest dead letter, if it ever died: a delivered replay keeps the error
+    /// that once killed it here.
+    pub last_dead_letter: Option<LastDeadLetter>,
+}
+
+/// The latest dead letter of a channel of a notification.
+#[derive(Serialize, ToSchema)]
+pub struct LastDeadLetter {
+    pub id: Uuid,
+    pub reason: String,
+    pub last_error: Option<String>,
+    pub dead_at: chrono::DateTime<chrono::Utc>,
+    /// `dead`, `replaying`, `replayed` or `discarded`.
+    pub status: String,
+}
+
+/// Delivery state of a notification, per channel.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications/{id}",
+    tag = "notifications",
+    params(("id" = String, Path, description = "The notification id from the 202")),
+    responses(
+        (status = 200, description = "Each channel's status, attempts and last error", body = NotificationStatus),
+        (status = 404, description = "`not_found`: no delivery is recorded yet (still queued), or the id is unknown or not an id", body = ErrorBody),
+        ReadErrors,
+    ),
+)]
 pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
     let id = Uuid::parse_str(&raw).map_err(|_| ApiError::NotFound(format!("`{raw}` is not a notification id")))?;
@@ -197,17 +301,23 @@ pub async fn status(path: web::Path<String>, state: web::Data<AppState>) -> Resu
     // How often each channel was replayed from its dead letters, and its latest dead letter:
     // a delivered replay keeps the error that once killed it there.
     let history = store.dead_letter_history(id).await?;
-    let mut channels = serde_json::to_value(channels).map_err(|e| ApiError::Unexpected(e.into()))?;
-    for ch in channels.as_array_mut().into_iter().flatten() {
-        let h = history.iter().find(|h| ch["channel"] == h.channel.as_str());
-        ch["replays"] = h.map_or(0, |h| h.replays).into();
-        ch["last_dead_letter"] =
-            match h.and_then(|h| h.last_dead_letter.as_ref().zip(h.last_dead_letter_status.as_ref())) {
-                Some((d, status)) => serde_json::json!({
-                    "id": d.id, "reason": d.reason, "last_error": d.last_error, "dead_at": d.dead_at, "status": status,
+    let channels = channels
+        .into_iter()
+        .map(|state| {
+            let h = history.iter().find(|h| h.channel == state.channel.as_str());
+            let last_dead_letter = h.and_then(|h| h.last_dead_letter.as_ref().zip(h.last_dead_letter_status.as_ref()));
+            ChannelStatus {
+                replays: h.map_or(0, |h| h.replays),
+                last_dead_letter: last_dead_letter.map(|(d, status)| LastDeadLetter {
+                    id: d.id,
+                    reason: d.reason.clone(),
+                    last_error: d.last_error.clone(),
+                    dead_at: d.dead_at,
+                    status: status.clone(),
                 }),
-                None => serde_json::Value::Null,
-            };
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "channels": channels})))
+                state,
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(NotificationStatus { id, channels }))
 }
