@@ -44,6 +44,10 @@ Every route except `/health`, `/ready`, `/metrics`, `/openapi.json` and `/docs` 
         routes::inbox::list,
         routes::inbox::mark_read,
         routes::inbox::mark_all_read,
+        routes::dead_letters::list,
+        routes::dead_letters::show,
+        routes::dead_letters::replay,
+        routes::dead_letters::discard,
         routes::health::health,
         routes::health::ready,
         routes::meta::metrics,
@@ -59,6 +63,7 @@ Every route except `/health`, `/ready`, `/metrics`, `/openapi.json` and `/docs` 
         (name = "notifications", description = "Direct notifications to one channel, and their delivery status"),
         (name = "events", description = "Business events, routed to channels by the routes file"),
         (name = "inbox", description = "A user's in-app inbox"),
+        (name = "dead-letters", description = "What could not be delivered: list, show, replay, discard"),
         (name = "operations", description = "Health, readiness, metrics and this description"),
     ),
 )]

@@ -46,11 +46,12 @@ impl Received {
         }
     }
 
-    /// The delivery's span: every log line of this message carries its ids.
+    /// The delivery's span: every log line of this message carries its ids, and the trace of
+    /// the request that published it (`trace_id`, `parent_span_id` from `traceparent`).
     pub fn span(&self) -> tracing::Span {
         let channel = self.channel;
         let attempt = self.attempt;
-        match &self.envelope {
+        let span = match &self.envelope {
             Ok(env) => tracing::info_span!(
                 "delivery",
                 notification_id = %env.id,
@@ -59,8 +60,19 @@ impl Received {
                 correlation_id = %env.correlation_id,
                 producer = env.producer.as_deref().unwrap_or("-"),
                 redelivered = self.redelivered,
+                trace_id = tracing::field::Empty,
+                parent_span_id = tracing::field::Empty,
             ),
-            Err(_) => tracing::warn_span!("delivery", %channel, attempt, message_id = ?self.message_id),
-        }
+            Err(_) => tracing::warn_span!(
+                "delivery",
+                %channel,
+                attempt,
+                message_id = ?self.message_id,
+                trace_id = tracing::field::Empty,
+                parent_span_id = tracing::field::Empty,
+            ),
+        };
+        notify_types::telemetry::set_parent_from_traceparent(&span, self.traceparent.as_deref());
+        span
     }
 }

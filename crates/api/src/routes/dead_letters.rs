@@ -11,8 +11,13 @@ use crate::{
     error::{ApiError, FieldError},
     extract::{json_body, Fields, Parsed},
 };
+use crate::{
+    error::Body as ErrorBody,
+    openapi::{AcceptErrors, ReadErrors},
+};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 use std::{collections::HashMap, time::Duration};
 use uuid::Uuid;
 use validator::Validate;
@@ -39,7 +44,145 @@ fn validation(errors: Vec<(String, String)>) -> ApiError {
     ApiError::validation(errors.into_iter().map(|(field, message)| FieldError { field, message }).collect())
 }
 
-/// `GET /api/v1/dead-letters?channel=&event=&reason=&error=&since=&until=&limit=&cursor=`
+/// The filters of the dead-letter list (each at most once).
+#[allow(dead_code)] // Describes the query string for the OpenAPI document; parsed by hand.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// `email`, `webhook` or `in_app`.
+    channel: Option<String>,
+    /// The event name (`user.registered`, …).
+    event: Option<String>,
+    /// `permanent`, `max_attempts`, `unparseable`, `crashed_worker`, `store_query`,
+    /// `delivery_limit` or `rejected`.
+    reason: Option<String>,
+    /// Case-insensitive substring of the last error.
+    error: Option<String>,
+    /// Died at or after (RFC 3339).
+    since: Option<String>,
+    /// Died before (RFC 3339).
+    until: Option<String>,
+    /// 1 to 500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// One dead letter.
+#[allow(dead_code)] // Schema of notify_store::DeadLetter as it is served.
+#[derive(ToSchema)]
+pub struct DeadLetterDoc {
+    /// The dead letter's own id.
+    id: Uuid,
+    /// `null` only for an unparseable message.
+    notification_id: Option<Uuid>,
+    channel: String,
+    /// `null` for a direct notification.
+    event: Option<String>,
+    reason: String,
+    attempts: i32,
+    last_error: Option<String>,
+    dead_at: chrono::DateTime<chrono::Utc>,
+    replays: i32,
+}
+
+/// A page of dead letters, newest first.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct DeadLetterPageDoc {
+    items: Vec<DeadLetterDoc>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+    /// How many match the filter in all.
+    total: i64,
+}
+
+/// One dead letter with the message as it died.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct DeadLetterDetailDoc {
+    #[schema(inline)]
+    #[serde(flatten)]
+    letter: DeadLetterDoc,
+    /// The envelope (JSON), or the message's text when it was not JSON.
+    message: serde_json::Value,
+    /// `dead`, `replaying`, `replayed` or `discarded`.
+    status: String,
+    status_at: chrono::DateTime<chrono::Utc>,
+    /// The AMQP headers it died with.
+    headers: serde_json::Value,
+}
+
+/// The filter of a replay or discard (the list's filters, as strings).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct FilterDoc {
+    channel: Option<String>,
+    event: Option<String>,
+    reason: Option<String>,
+    error: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// What to replay or discard: `ids`, or `filter` with `limit`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct SelectorDoc {
+    ids: Option<Vec<Uuid>>,
+    filter: Option<FilterDoc>,
+    /// With `filter`: at most this many (default and maximum in the README).
+    limit: Option<i64>,
+    /// Only say what would be done.
+    dry_run: Option<bool>,
+}
+
+/// What a replay did.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ReplayedDoc {
+    matched: i64,
+    replayed: i64,
+    ids: Vec<Uuid>,
+    not_found: Vec<Uuid>,
+    /// Past `REPLAY_LIMIT`, with the reason.
+    refused: Vec<RefusedDoc>,
+    /// Could not be published; still dead.
+    failed: Vec<FailedDoc>,
+}
+
+/// What a discard did.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct DiscardedDoc {
+    matched: i64,
+    discarded: i64,
+    ids: Vec<Uuid>,
+    not_found: Vec<Uuid>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct RefusedDoc {
+    id: Uuid,
+    reason: String,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct FailedDoc {
+    id: Uuid,
+    error: String,
+}
+
+/// Dead letters, newest first, filtered and paged.
+#[utoipa::path(
+    get,
+    path = "/api/v1/dead-letters",
+    tag = "dead-letters",
+    params(ListQuery),
+    responses((status = 200, description = "One page and the total", body = DeadLetterPageDoc), ReadErrors),
+)]
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let query = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
         .map_err(|e| ApiError::field("query", format!("invalid query string: {e}")))?
@@ -74,7 +217,18 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     Ok(HttpResponse::Ok().json(page))
 }
 
-/// `GET /api/v1/dead-letters/{id}`: the dead letter, its status and the message as it died.
+/// The dead letter, its status and the message as it died.
+#[utoipa::path(
+    get,
+    path = "/api/v1/dead-letters/{id}",
+    tag = "dead-letters",
+    params(("id" = String, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, description = "The dead letter with its message", body = DeadLetterDetailDoc),
+        (status = 404, description = "`not_found`: no such dead letter", body = ErrorBody),
+        ReadErrors,
+    ),
+)]
 pub async fn show(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
     let not_found = || ApiError::NotFound(format!("no dead letter `{raw}`"));
@@ -167,7 +321,15 @@ async fn selected(req: &HttpRequest, payload: web::Payload, state: &AppState) ->
     Ok((parsed.body.selector()?, dry_run))
 }
 
-/// `POST /api/v1/dead-letters/replay`
+/// Replays dead letters into their channel queues as fresh first attempts (published with
+/// confirms before they stop being dead letters; each at most once at a time).
+#[utoipa::path(
+    post,
+    path = "/api/v1/dead-letters/replay",
+    tag = "dead-letters",
+    request_body = SelectorDoc,
+    responses((status = 200, description = "What was replayed, refused, failed or not found", body = ReplayedDoc), AcceptErrors),
+)]
 pub async fn replay(
     req: HttpRequest,
     payload: web::Payload,
@@ -179,7 +341,14 @@ pub async fn replay(
     Ok(HttpResponse::Ok().json(done.to_json("replayed")))
 }
 
-/// `POST /api/v1/dead-letters/discard`
+/// Discards dead letters for good (status `discarded`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/dead-letters/discard",
+    tag = "dead-letters",
+    request_body = SelectorDoc,
+    responses((status = 200, description = "What was discarded or not found", body = DiscardedDoc), AcceptErrors),
+)]
 pub async fn discard(
     req: HttpRequest,
     payload: web::Payload,

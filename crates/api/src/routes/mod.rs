@@ -1,6 +1,6 @@
 mod accept;
 pub mod answers;
-mod dead_letters;
+pub(crate) mod dead_letters;
 pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod inbox;
