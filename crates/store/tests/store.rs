@@ -545,7 +545,17 @@ async fn migrate_is_idempotent_and_lives_in_the_schema() {
         .fetch_all(s.pool())
         .await
         .unwrap();
-        assert_eq!(tables, ["_sqlx_migrations", "deliveries", "idempotency_keys", "inbox_items"]);
+        assert_eq!(
+            tables,
+            [
+                "_sqlx_migrations",
+                "dead_letter_actions",
+                "dead_letters",
+                "deliveries",
+                "idempotency_keys",
+                "inbox_items"
+            ]
+        );
         let applied: i64 =
             sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\"._sqlx_migrations WHERE success", s.schema()))
                 .fetch_one(s.pool())
