@@ -17,8 +17,8 @@ use crate::{
 };
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::Deserialize;
-use utoipa::{IntoParams, ToSchema};
 use std::{collections::HashMap, time::Duration};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use validator::Validate;
 
@@ -179,6 +179,7 @@ pub struct FailedDoc {
 #[utoipa::path(
     get,
     path = "/api/v1/dead-letters",
+    operation_id = "list_dead_letters",
     tag = "dead-letters",
     params(ListQuery),
     responses((status = 200, description = "One page and the total", body = DeadLetterPageDoc), ReadErrors),
@@ -221,6 +222,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 #[utoipa::path(
     get,
     path = "/api/v1/dead-letters/{id}",
+    operation_id = "show_dead_letter",
     tag = "dead-letters",
     params(("id" = String, Path, description = "The dead letter's id")),
     responses(
@@ -326,6 +328,7 @@ async fn selected(req: &HttpRequest, payload: web::Payload, state: &AppState) ->
 #[utoipa::path(
     post,
     path = "/api/v1/dead-letters/replay",
+    operation_id = "replay_dead_letters",
     tag = "dead-letters",
     request_body = SelectorDoc,
     responses((status = 200, description = "What was replayed, refused, failed or not found", body = ReplayedDoc), AcceptErrors),
@@ -345,6 +348,7 @@ pub async fn replay(
 #[utoipa::path(
     post,
     path = "/api/v1/dead-letters/discard",
+    operation_id = "discard_dead_letters",
     tag = "dead-letters",
     request_body = SelectorDoc,
     responses((status = 200, description = "What was discarded or not found", body = DiscardedDoc), AcceptErrors),
