@@ -151,11 +151,11 @@ pub fn redact_url(raw: &str) -> String {
 
 /// The topology settings both binaries share: `NOTIFY_PREFIX`, `QUEUE_TYPE`, `RETRY_SCHEDULE`,
 /// `DELIVERY_LIMIT`.
-pub fn topology(src: &dyn Source) -> Result<crate::Topology, ConfigError> {
+pub fn topology(src: &dyn Source) -> Result<crate::topology::Topology, ConfigError> {
     let prefix = prefix(src, "NOTIFY_PREFIX", "notify")?;
-    let queue_type: crate::QueueType = parse(src, "QUEUE_TYPE", crate::QueueType::Quorum)?;
+    let queue_type: crate::topology::QueueType = parse(src, "QUEUE_TYPE", crate::topology::QueueType::Quorum)?;
     let delays = durations(src, "RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE)?;
-    let mut topology = crate::Topology::new(prefix, queue_type, delays);
+    let mut topology = crate::topology::Topology::new(prefix, queue_type, delays);
     topology.delivery_limit = bounded(src, "DELIVERY_LIMIT", 10, 1, 1000)? as u32;
     Ok(topology)
 }

@@ -1,4 +1,4 @@
-use crate::Channel;
+use crate::channel::Channel;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

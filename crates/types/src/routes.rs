@@ -20,7 +20,10 @@
 //! `${VAR}` and `${VAR:-default}` in `url` and `secret` are read from the environment at start,
 //! so secrets stay out of the file.
 
-use crate::{Channel, EmailMessage, InAppMessage};
+use crate::{
+    channel::Channel,
+    envelope::{EmailMessage, InAppMessage},
+};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -465,7 +468,7 @@ mod shipped_file {
         let r =
             super::Routes::parse(&text, "routes.toml", &|k| (k == "ORDER_WEBHOOK_URL").then(|| "https://h/o".into()))
                 .unwrap();
-        assert_eq!(r.channels("order.completed"), Some(&[crate::Channel::Webhook][..]));
+        assert_eq!(r.channels("order.completed"), Some(&[crate::channel::Channel::Webhook][..]));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   the message back to `notify.email`;
 //! - `notify.email.dead`: messages that could not be delivered, with reason headers.
 
-use crate::Channel;
+use crate::channel::Channel;
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
