@@ -24,6 +24,20 @@ pub const REPLAY_TAKEOVER_AFTER: Duration = Duration::from_secs(60);
 pub const DEAD_REASONS: &[&str] =
     &["permanent", "max_attempts", "unparseable", "crashed_worker", "store_query", "delivery_limit", "rejected"];
 
+/// An ILIKE pattern matching `text` anywhere, with LIKE's wildcards in it taken literally.
+fn substring_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// A dead message as the indexer read it off a dead queue.
 #[derive(Debug, Clone)]
 pub struct NewDeadLetter {
@@ -107,8 +121,17 @@ pub(crate) fn push_filter(q: &mut QueryBuilder<'_, Postgres>, f: &DeadLetterFilt
         q.push(" AND reason = ").push_bind(v.clone());
     }
     if let Some(v) = &f.error {
-        // strpos, not ILIKE: the operator's text is matched as it is, no wildcards to escape.
-        q.push(" AND strpos(lower(last_error), lower(").push_bind(v.clone()).push(")) > 0");
+        // Alone, the error text is served by the trigram index on last_error (ILIKE; the
+        // operator's `%`, `_` and `\` escaped). With another filter, that filter's index narrows
+        // the rows and the text is checked on them (strpos): the planner can't tell a text
+        // every row contains from a rare one, and a trigram scan of a common text reads them all.
+        let narrowed =
+            f.channel.is_some() || f.event.is_some() || f.reason.is_some() || f.since.is_some() || f.until.is_some();
+        if narrowed {
+            q.push(" AND strpos(lower(last_error), lower(").push_bind(v.clone()).push(")) > 0");
+        } else {
+            q.push(" AND last_error ILIKE ").push_bind(substring_pattern(v));
+        }
     }
     if let Some(v) = f.since {
         q.push(" AND dead_at >= ").push_bind(v);
@@ -290,4 +313,13 @@ pub struct ChannelHistory {
     pub replays: i32,
     pub last_dead_letter: Option<DeadLetter>,
     pub last_dead_letter_status: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_text_is_matched_literally() {
+        assert_eq!(super::substring_pattern("mailbox"), "%mailbox%");
+        assert_eq!(super::substring_pattern(r"50%_off\now"), r"%50\%\_off\\now%");
+    }
 }
