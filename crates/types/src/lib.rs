@@ -8,6 +8,7 @@ pub mod envelope;
 pub mod headers;
 pub mod metrics;
 pub mod net;
+pub mod probe;
 pub mod routes;
 pub mod telemetry;
 pub mod topology;

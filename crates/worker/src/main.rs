@@ -9,7 +9,7 @@ notify_types::use_mimalloc!();
 async fn main() -> ExitCode {
     let env = Env::load();
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return healthcheck();
+        return notify_types::probe::healthcheck("WORKER_HTTP_PORT", 9920);
     }
     notify_types::telemetry::init(notify_types::telemetry::DEFAULT_FILTER);
     let config = match WorkerConfig::from_source(&env) {
@@ -48,25 +48,4 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     let _ = ctrl_c.await;
     tracing::info!("shutdown requested: finishing in-flight deliveries");
     shutdown.cancel();
-}
-
-/// `notify-worker healthcheck`: exit 0 when `GET /ready` on 127.0.0.1:`WORKER_HTTP_PORT`
-/// answers 200, else 1. For container healthchecks in images without curl (as
-/// `notify-api healthcheck`).
-fn healthcheck() -> ExitCode {
-    use std::io::{Read, Write};
-    let port = std::env::var("WORKER_HTTP_PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(9920);
-    let check = || -> std::io::Result<bool> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
-        s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf)?;
-        Ok(buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200"))
-    };
-    match check() {
-        Ok(true) => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    }
 }

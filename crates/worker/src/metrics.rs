@@ -81,7 +81,7 @@ pub fn init() {
     );
     metrics::describe_gauge!(IN_FLIGHT, "Deliveries being worked on now.");
     metrics::describe_counter!(RETRIES, "Retries scheduled, by delay tier.");
-    metrics::describe_gauge!(DEAD_LETTERS, "Messages waiting in the channel's dead-letter queue (sampled on a timer).");
+    metrics::describe_gauge!(DEAD_LETTERS, "Dead letters waiting: still in the dead-letter queue, plus those stored in PostgreSQL with status dead (sampled on a timer).");
     metrics::describe_gauge!(SMTP_CONNECTIONS, "SMTP pool: conversations reserved (in_use) and open connections idle.");
     metrics::describe_histogram!(
         "notify_store_group_commit_batch_size",
